@@ -1,0 +1,49 @@
+"""Position-wise MLP: GELU (two matrices) or SwiGLU (three). Pattern char ``-``."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from seqlm.blocks.base import Block, BlockConfig
+from seqlm.registry import register
+
+
+class MLPConfig(BlockConfig):
+    type: Literal["mlp"] = "mlp"
+    kind: Literal["gelu", "swiglu"] = Field("gelu", description="Activation form.")
+    hidden: Optional[int] = Field(
+        None, gt=0, description="Hidden width; null = 4*d_model (gelu) or 8/3*d_model rounded up to 64 (swiglu)."
+    )
+    bias: bool = Field(False, description="Bias in the linear layers.")
+
+
+@register("mlp", char="-")
+class MLP(Block):
+    Config = MLPConfig
+
+    def __init__(self, cfg: MLPConfig, d_model: int):
+        super().__init__(cfg, d_model)
+        if cfg.hidden:
+            h = cfg.hidden
+        elif cfg.kind == "gelu":
+            h = 4 * d_model
+        else:
+            h = ((8 * d_model // 3) + 63) // 64 * 64
+        self.kind = cfg.kind
+        self.up_proj = nn.Linear(d_model, h, bias=cfg.bias)
+        self.gate_proj = nn.Linear(d_model, h, bias=cfg.bias) if cfg.kind == "swiglu" else None
+        self.out_proj = nn.Linear(h, d_model, bias=cfg.bias)
+        self.init_weights()
+
+    def forward(self, x, state=None):
+        if self.gate_proj is None:
+            h = F.gelu(self.up_proj(x))
+        else:
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.out_proj(h), state
+
+    def tp_plan(self):
+        return {r"(up|gate)_proj\.weight": "column", r"out_proj\.weight": "row"}

@@ -1,0 +1,44 @@
+"""``seqlm`` command line: one subcommand family per module, each module exposing
+``add_commands(subparsers)`` that registers its parsers with ``set_defaults(func=...)``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# modules contributing subcommands (train, tokenizer, eval, generate, convert, distill)
+COMMAND_MODULES = [
+    "seqlm.train.cli",
+    "seqlm.data.cli",
+    "seqlm.eval.cli",
+    "seqlm.convert",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seqlm", description="Long-sequence language modeling.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from seqlm.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except ConfigError as e:
+        print(f"seqlm: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"seqlm: error: {e}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,371 @@
+"""Typed run configs: pydantic v2 models with ``extra="forbid"``, YAML I/O, dotted overrides.
+
+One YAML file describes a run (sections ``model``, ``data``, ``train``, ``eval``; later
+sections are added the same way). Every field has a description: ``scripts/gen_config_docs.py``
+renders them into the README's config reference.
+
+Errors: :func:`load_config` / :func:`parse_config` raise :class:`ConfigError` whose message
+lists one line per problem, ``<field path>: <reason>`` (``model.layers[3].n_heads: must
+divide d_model=96``).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from seqlm import registry
+
+
+class ConfigError(ValueError):
+    """A config (file, dict or override) is invalid; the message names each field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+# --------------------------------------------------------------------------------------
+# layer specs: a discriminated union over every registered block's Config
+registry.load_blocks()
+_BLOCK_CONFIGS = tuple(cls.Config for cls in registry.blocks().values())
+if len(_BLOCK_CONFIGS) == 1:  # pragma: no cover - a Union needs two members
+    LayerSpec = _BLOCK_CONFIGS[0]
+else:
+    LayerSpec = Annotated[Union[_BLOCK_CONFIGS], Field(discriminator="type")]
+
+
+def _char_table() -> str:
+    return ", ".join(f"'{c}'={n}" for c, n in sorted(registry.pattern_chars().items()))
+
+
+class ModelConfig(Section):
+    """The network: embedding -> stack of layers -> final norm -> LM head."""
+
+    vocab_size: Optional[int] = Field(
+        None, gt=0, description="Vocabulary size; null takes it from the tokenizer."
+    )
+    d_model: int = Field(128, gt=0, description="Width of the residual stream.")
+    n_layers: Optional[int] = Field(
+        None, gt=0,
+        description="Number of layers (each layer is one sub-layer: a mixer or an MLP). "
+        "With `pattern`, the pattern is tiled to this length; null means len(pattern).",
+    )
+    pattern: Optional[str] = Field(
+        None,
+        description="One character per layer, expanded into `layers` at load. Characters: "
+        "`*` attention, `-` mlp, `M` mamba, `2` mamba2, `H` h3 (see the pattern table).",
+    )
+    layers: Optional[list[LayerSpec]] = Field(  # type: ignore[valid-type]
+        None, description="Explicit per-layer specs, each with a `type` (a registered block)."
+    )
+    block_defaults: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per block type, field values applied to every layer of that type "
+        "(pattern layers and list layers alike; a list layer's own fields win).",
+    )
+    norm: Literal["rmsnorm", "layernorm"] = Field("rmsnorm", description="Pre-norm type.")
+    norm_eps: float = Field(1e-5, gt=0, description="Epsilon of the norms.")
+    tie_embeddings: bool = Field(True, description="Share the embedding and LM-head weight.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on embeddings and sub-layer outputs.")
+    init_std: float = Field(0.02, gt=0, description="Std of the normal weight init.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        pattern, layers = data.get("pattern"), data.get("layers")
+        defaults = data.get("block_defaults") or {}
+        if not isinstance(defaults, dict):
+            return data  # the field validator reports the type error
+        chars = registry.pattern_chars()
+        for name in defaults:
+            if name not in registry.blocks():
+                raise ValueError(
+                    f"block_defaults.{name}: unknown block type; registered: {sorted(registry.blocks())}"
+                )
+        if pattern is not None and layers is not None:
+            raise ValueError("pattern: give either `pattern` or `layers`, not both")
+        if pattern is None and layers is None:
+            raise ValueError("layers: give `layers` (a list) or `pattern` (a string)")
+        if pattern is not None:
+            if not isinstance(pattern, str) or not pattern:
+                raise ValueError("pattern: must be a non-empty string")
+            for i, ch in enumerate(pattern):
+                if ch not in chars:
+                    raise ValueError(f"pattern[{i}]: unknown character {ch!r}; known: {_char_table()}")
+            n = data.get("n_layers")
+            if n is None:
+                n = len(pattern)
+            if not isinstance(n, int) or n <= 0:
+                return data  # field validation reports n_layers
+            if n % len(pattern):
+                raise ValueError(
+                    f"n_layers: {n} is not a multiple of len(pattern)={len(pattern)} ({pattern!r})"
+                )
+            full = pattern * (n // len(pattern))
+            data["layers"] = [{"type": chars[c]} for c in full]
+            data["pattern"] = None
+            data["n_layers"] = n
+            layers = data["layers"]
+        if isinstance(layers, list):
+            merged = []
+            for spec in layers:
+                if isinstance(spec, BaseModel):
+                    spec = spec.model_dump()
+                if isinstance(spec, dict) and spec.get("type") in defaults:
+                    spec = {**defaults[spec["type"]], **spec}
+                merged.append(spec)
+            data["layers"] = merged
+            if data.get("n_layers") is None:
+                data["n_layers"] = len(merged)
+            elif isinstance(data.get("n_layers"), int) and data["n_layers"] != len(merged):
+                raise ValueError(f"n_layers: {data['n_layers']} but `layers` has {len(merged)} entries")
+        return data
+
+    @model_validator(mode="after")
+    def _check_layers(self) -> "ModelConfig":
+        problems = []
+        for i, spec in enumerate(self.layers or []):
+            for fld, why in spec.check(self.d_model):
+                problems.append(f"layers[{i}].{fld}: {why}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class TokenizerConfig(Section):
+    """Which tokenizer turns text into ids (saved with every checkpoint)."""
+
+    type: Literal["char", "byte", "sentencepiece"] = Field(
+        "char", description="`char`: one id per character seen in the training files; "
+        "`byte`: UTF-8 bytes (256 ids + EOS); `sentencepiece`: a trained BPE/unigram model."
+    )
+    path: Optional[str] = Field(
+        None, description="SentencePiece `.model` file (required for type sentencepiece)."
+    )
+
+    @model_validator(mode="after")
+    def _need_path(self) -> "TokenizerConfig":
+        if self.type == "sentencepiece" and not self.path:
+            raise ValueError("path: required when type is sentencepiece")
+        return self
+
+
+class DataConfig(Section):
+    """Training text: local files, tokenized once into a memmapped token cache."""
+
+    files: list[str] = Field(
+        default_factory=lambda: ["data/tinyshakespeare.txt"],
+        description="Local `.txt`, `.jsonl` or `.parquet` files (globs allowed). Each file / "
+        "record is one document; documents are joined with EOS.",
+    )
+    text_field: str = Field("text", description="Record field holding the text in jsonl/parquet.")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Tail fraction of tokens held out for validation.")
+    cache_dir: str = Field(".cache/seqlm", description="Where token caches are written.")
+
+    @field_validator("files")
+    @classmethod
+    def _nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("must list at least one file")
+        return v
+
+
+class TrainConfig(Section):
+    """Optimisation loop."""
+
+    seq_len: int = Field(64, gt=0, description="Tokens per training window (block size).")
+    batch_size: int = Field(12, gt=0, description="Windows per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    max_steps: int = Field(2000, gt=0, description="Optimizer steps.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    min_lr: float = Field(1e-4, ge=0, description="Final learning rate of cosine / wsd decay.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps.")
+    schedule: Literal["cosine", "wsd", "constant"] = Field(
+        "cosine", description="`cosine`: warmup then cosine to min_lr; `wsd`: warmup, stable, "
+        "then linear decay over the last `decay_fraction` of steps; `constant`: warmup then flat."
+    )
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: fraction of steps spent decaying.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay (2-D weights only).")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.99, ge=0, lt=1, description="AdamW beta2.")
+    grad_clip: float = Field(1.0, ge=0, description="Max global grad norm; 0 disables clipping.")
+    seed: int = Field(1337, description="Seed for init, data sampling and dropout.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: cuda if available.")
+    dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="`auto`: fp32 on CPU (bf16 is far slower there), bf16 autocast on CUDA."
+    )
+    compile: bool = Field(False, description="Wrap the model in torch.compile.")
+    threads: Optional[int] = Field(None, gt=0, description="torch CPU threads; null keeps torch's default.")
+    out_dir: str = Field("runs/default", description="Checkpoints, logs, plots.")
+    log_every: int = Field(10, gt=0, description="Steps between JSONL/TensorBoard train logs.")
+    checkpoint_every: int = Field(0, ge=0, description="Steps between checkpoints; 0: only at the end.")
+    progress: bool = Field(True, description="Show a tqdm progress bar.")
+
+
+class EvalConfig(Section):
+    """Validation during training and the sample printed at the end."""
+
+    every: int = Field(250, ge=0, description="Steps between validation passes; 0: only at the end.")
+    batches: int = Field(20, gt=0, description="Validation batches per pass.")
+    sample_tokens: int = Field(200, ge=0, description="Tokens generated for the final sample.")
+    sample_prompt: str = Field("\n", description="Prompt of the final sample.")
+    temperature: float = Field(0.8, ge=0, description="Sampling temperature (0: greedy).")
+    top_k: Optional[int] = Field(40, gt=0, description="Top-k filter for sampling; null: off.")
+    top_p: Optional[float] = Field(None, gt=0, le=1, description="Nucleus filter; null: off.")
+
+
+class RunConfig(Section):
+    """A whole run."""
+
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(pattern="*-"))
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------
+# error formatting
+
+
+def _path(loc: tuple, names: set[str]) -> str:
+    out = ""
+    prev_int = False
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            prev_int = True
+            continue
+        if prev_int and part in names:  # discriminator tag of the union member
+            prev_int = False
+            continue
+        prev_int = False
+        if part in ("function-after[_need_path()]",) or str(part).startswith("function-"):
+            continue
+        out += ("." if out else "") + str(part)
+    return out
+
+
+_LEAD = re.compile(r"^([A-Za-z_][\w]*(?:\[\d+\])*(?:\.[A-Za-z_][\w]*(?:\[\d+\])*)*): ")
+
+
+def format_errors(err: ValidationError, prefix: str = "") -> str:
+    names = set(registry.blocks())
+    lines = []
+    for e in err.errors():
+        path = _path(tuple(e["loc"]), names)
+        if prefix:
+            path = prefix + ("." + path if path else "")
+        msg = e["msg"]
+        for p in ("Value error, ", "Assertion failed, "):
+            if msg.startswith(p):
+                msg = msg[len(p):]
+        # validators phrase their errors as "<sub path>: reason"; join it to the location
+        for part in msg.split("; "):
+            m = _LEAD.match(part)
+            if m:
+                sub = m.group(1)
+                full = f"{path}.{sub}" if path else sub
+                lines.append(f"{full}: {part[m.end():]}")
+            else:
+                lines.append(f"{path or '<root>'}: {part}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    """Validate a plain dict into a RunConfig, raising ConfigError naming each field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid config {source}:\n" + format_errors(err)) from None
+
+
+# --------------------------------------------------------------------------------------
+# overrides and YAML
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings (value parsed as YAML) to a nested dict copy."""
+    data = copy.deepcopy(data)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r}: expected key=value (e.g. train.lr=3e-4)")
+        key, raw = ov.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {ov!r}: empty key part")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            m = re.fullmatch(r"(\w+)\[(\d+)\]", part)
+            if m:
+                lst = node.get(m.group(1))
+                idx = int(m.group(2))
+                if not isinstance(lst, list) or idx >= len(lst):
+                    raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])} does not exist")
+                node = lst[idx]
+                continue
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])} is not a section")
+            node = nxt
+        last = parts[-1]
+        m = re.fullmatch(r"(\w+)\[(\d+)\]", last)
+        if m:
+            lst = node.get(m.group(1))
+            idx = int(m.group(2))
+            if not isinstance(lst, list) or idx >= len(lst):
+                raise ConfigError(f"override {ov!r}: {key} does not exist")
+            lst[idx] = _parse_value(raw)
+        else:
+            node[last] = _parse_value(raw)
+        if parts[0] == "model" and last in ("pattern", "layers"):
+            node.pop("layers" if last == "pattern" else "pattern", None)
+    return data
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r}: top level must be a mapping of sections")
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides))
+    return parse_config(data, str(path) if path is not None else "<defaults>")
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(dump_config(cfg))

@@ -1,0 +1,134 @@
+"""Language model: embedding -> stack -> final norm -> head; per-layer caches; generate()."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqlm.config import ModelConfig
+from seqlm.ops.norm import make_norm
+from seqlm.stack import Stack
+
+
+class LM(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: Optional[int] = None):
+        super().__init__()
+        V = cfg.vocab_size or vocab_size
+        if not V:
+            raise ValueError("model.vocab_size: unknown; set it or build the model from a tokenizer")
+        if cfg.vocab_size and vocab_size and cfg.vocab_size < vocab_size:
+            raise ValueError(f"model.vocab_size: {cfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
+        self.cfg, self.vocab_size = cfg, V
+        self.embed = nn.Embedding(V, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.stack = Stack(cfg)
+        self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, V, bias=False)
+        nn.init.normal_(self.embed.weight, 0.0, cfg.init_std)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        else:
+            nn.init.normal_(self.head.weight, 0.0, cfg.init_std)
+
+    # -- forward ----------------------------------------------------------------------
+    def hidden(self, tokens: torch.Tensor, state=None):
+        """tokens (B, T) -> final-normed hidden states (B, T, D) and the new state."""
+        x = self.drop(self.embed(tokens))
+        x, state = self.stack(x, state)
+        return self.norm_f(x), state
+
+    def forward(self, tokens: torch.Tensor, state=None):
+        """tokens (B, T) -> logits (B, T, V), new state (None when ``state`` is None)."""
+        h, state = self.hidden(tokens, state)
+        return self.head(h), state
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        logits, _ = self(tokens)
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
+
+    def init_state(self, batch: int, max_len: int, device=None, dtype=None):
+        device = device or self.embed.weight.device
+        dtype = dtype or self.embed.weight.dtype
+        return self.stack.init_state(batch, max_len, device, dtype)
+
+    def step(self, token: torch.Tensor, state):
+        """token (B, 1) -> logits (B, 1, V), new state. O(1) in the context for SSM layers."""
+        x, state = self.stack.step(self.embed(token), state)
+        return self.head(self.norm_f(x)), state
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding:
+            n -= self.embed.weight.numel()
+        return n
+
+    def tp_plan(self) -> dict[str, str]:
+        return {rf"stack\.{k}": v for k, v in self.stack.tp_plan().items()}
+
+    # -- generation ---------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        seed: Optional[int] = None,
+        eos_id: Optional[int] = None,
+        on_token: Optional[Callable[[torch.Tensor], None]] = None,
+    ) -> torch.Tensor:
+        """Prefill the prompt once, then step with the per-layer caches.
+
+        prompt_ids: (T,) or (B, T). Returns the new tokens (B, max_new_tokens) (or (N,) for a
+        1-D prompt; shorter if every row produced ``eos_id``). temperature 0 is greedy.
+        """
+        squeeze = prompt_ids.dim() == 1
+        ids = prompt_ids[None] if squeeze else prompt_ids
+        if ids.shape[1] == 0:
+            raise ValueError("generate: the prompt must hold at least one token")
+        B, T = ids.shape
+        dev = self.embed.weight.device
+        ids = ids.to(dev)
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(seed if seed is not None else torch.seed())
+        state = self.init_state(B, T + max_new_tokens)
+        logits, state = self(ids, state)
+        logits = logits[:, -1]
+        out = []
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        for i in range(max_new_tokens):
+            nxt = sample(logits, temperature, top_k, top_p, gen)  # (B,)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done |= nxt == eos_id
+            out.append(nxt)
+            if on_token is not None:
+                on_token(nxt)
+            if (eos_id is not None and bool(done.all())) or i == max_new_tokens - 1:
+                break
+            logits, state = self.step(nxt[:, None], state)
+            logits = logits[:, -1]
+        res = torch.stack(out, dim=1) if out else ids.new_zeros(B, 0)
+        return res[0] if squeeze else res
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+           top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,). temperature 0 means argmax."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        srt, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(srt, -1).cumsum(-1)
+        drop = cum - torch.softmax(srt, -1) > top_p  # keep the smallest prefix reaching top_p
+        srt = srt.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, srt)
+    probs = torch.softmax(logits, -1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

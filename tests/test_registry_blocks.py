@@ -1,0 +1,97 @@
+"""Registry-wide contract: every registered block, same checks (DESIGN.md).
+
+shapes; gradients reach every parameter; forward over T tokens == T calls of step ==
+chunked prefill + steps == forward in two chunks with the carried state; tp_plan covers
+every 2-D weight.
+"""
+import re
+
+import pytest
+import torch
+
+from seqlm import registry
+
+D, B, T = 32, 2, 12
+NAMES = sorted(registry.blocks())
+
+
+def make(name, dtype=torch.float64):
+    cls = registry.get_block(name)
+    torch.manual_seed(0)
+    blk = cls(cls.Config(), D).to(dtype)
+    return blk
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shape_and_grads(name):
+    blk = make(name, torch.float32)
+    x = torch.randn(B, T, D, requires_grad=True)
+    y, st = blk(x)
+    assert y.shape == (B, T, D)
+    assert st is None
+    (y * torch.randn_like(y)).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for pname, p in blk.named_parameters():
+        assert p.grad is not None, f"{name}.{pname} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name}.{pname} non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{name}.{pname} gradient is all zero"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_equals_steps(name):
+    blk = make(name)
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    with torch.no_grad():
+        ref, _ = blk(x)
+        st = blk.init_state(B, T, x.device, x.dtype)
+        outs = []
+        for t in range(T):
+            y, st = blk.step(x[:, t:t + 1], st)
+            outs.append(y)
+    torch.testing.assert_close(torch.cat(outs, 1), ref, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_prefill_then_steps(name):
+    blk = make(name)
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    with torch.no_grad():
+        ref, _ = blk(x)
+        st = blk.init_state(B, T, x.device, x.dtype)
+        y1, st = blk(x[:, : T // 2], st)
+        outs = [y1]
+        for t in range(T // 2, T):
+            y, st = blk.step(x[:, t:t + 1], st)
+            outs.append(y)
+    torch.testing.assert_close(torch.cat(outs, 1), ref, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("split", [1, 5, 7])
+def test_two_chunks_with_state(name, split):
+    blk = make(name)
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    with torch.no_grad():
+        ref, _ = blk(x)
+        st = blk.init_state(B, T, x.device, x.dtype)
+        y1, st = blk(x[:, :split], st)
+        y2, st = blk(x[:, split:], st)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), ref, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tp_plan_covers_2d_weights(name):
+    blk = make(name, torch.float32)
+    plan = blk.tp_plan()
+    assert all(v in ("column", "row", "replicate") for v in plan.values()), plan
+    for pname, p in blk.named_parameters():
+        if p.dim() == 2:
+            hits = [k for k in plan if re.fullmatch(k, pname)]
+            assert hits, f"{name}: tp_plan does not cover 2-D weight {pname!r}"
+            assert len(hits) == 1, f"{name}: {pname!r} matched by several plan entries {hits}"
+
+
+def test_pattern_chars_unique_and_registered():
+    chars = registry.pattern_chars()
+    assert set(chars.values()) <= set(registry.blocks())
+    assert chars["*"] == "attention" and chars["-"] == "mlp"
