@@ -132,3 +132,8 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] 
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, srt)
     probs = torch.softmax(logits, -1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def build_model(cfg, vocab_size: Optional[int] = None) -> nn.Module:
+    """Build the model a RunConfig describes (the one entry point train/eval/convert use)."""
+    return LM(cfg.model, vocab_size)

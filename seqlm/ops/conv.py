@@ -1,0 +1,63 @@
+"""Causal depthwise conv1d with a carried state (Mamba-1/2 short convolution).
+
+x (B, C, L), weight (C, K), bias (C,) -> y (B, C, L) with y[..., t] depending on
+x[..., t-K+1 .. t]. ``state`` (B, C, K-1) holds the inputs before x (zeros at the start);
+the new state is the last K-1 inputs. Uses causal-conv1d on CUDA when importable.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional CUDA fast path
+    from causal_conv1d import causal_conv1d_fn as _cc1d_fn  # type: ignore
+except Exception:  # noqa: BLE001
+    _cc1d_fn = None
+
+
+def use_cuda_conv(x: torch.Tensor) -> bool:
+    return _cc1d_fn is not None and x.is_cuda
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  state: Optional[torch.Tensor] = None, activation: Optional[str] = None):
+    """Returns (y, new_state); new_state is None when ``state`` is None."""
+    B, C, L = x.shape
+    K = weight.shape[1]
+    if state is None and use_cuda_conv(x):
+        return _cc1d_fn(x, weight, bias, activation=activation), None
+    xp = torch.cat([state.to(x.dtype), x], dim=-1) if state is not None else F.pad(x, (K - 1, 0))
+    y = F.conv1d(xp, weight[:, None, :], bias, groups=C)  # (B, C, L)
+    if activation == "silu":
+        y = F.silu(y)
+    new_state = xp[..., xp.shape[-1] - (K - 1):] if state is not None else None
+    return y, new_state
+
+
+def causal_conv1d_step(x_t: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       state: torch.Tensor, activation: Optional[str] = None):
+    """One token: x_t (B, C), state (B, C, K-1) -> (y_t (B, C), new_state)."""
+    full = torch.cat([state, x_t[..., None]], dim=-1)  # (B, C, K)
+    y = (full * weight).sum(-1)
+    if bias is not None:
+        y = y + bias
+    if activation == "silu":
+        y = F.silu(y)
+    return y, full[..., 1:]
+
+
+def causal_conv1d_ref(x, weight, bias=None, activation=None):
+    """Obvious loop reference: y[:, c, t] = sum_k w[c, k] * x[:, c, t-K+1+k]."""
+    B, C, L = x.shape
+    K = weight.shape[1]
+    y = torch.zeros_like(x)
+    for t in range(L):
+        for k in range(K):
+            s = t - K + 1 + k
+            if s >= 0:
+                y[:, :, t] += weight[:, k] * x[:, :, s]
+    if bias is not None:
+        y = y + bias[:, None]
+    return F.silu(y) if activation == "silu" else y
