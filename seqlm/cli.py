@@ -25,10 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args)
+
+
+def run_command(args) -> int:
+    """Run a parsed command; known user errors become one line on stderr and exit code 2."""
     from seqlm.config import ConfigError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
         rc = args.func(args)
     except ConfigError as e:

@@ -1,0 +1,64 @@
+"""``seqlm train``: train from a YAML config with dotted overrides."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default=None,
+                   help=f"YAML run config (default: configs/default.yaml; with --resume and no "
+                        f"--config: the checkpoint's own config)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue from CHECKPOINT (default: <train.out_dir>/checkpoint)")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="stop after STEP optimizer steps and write a checkpoint (resume later)")
+    p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted config overrides, e.g. train.lr=3e-4 model.d_model=256")
+
+
+def run_train(args) -> int:
+    from seqlm.config import dump_config, load_config
+    from seqlm.train.loop import train
+
+    config = args.config
+    if config is None and isinstance(args.resume, str):
+        config = str(Path(args.resume) / "config.yaml")
+    if config is None:
+        config = str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else None
+    cfg = load_config(config, args.overrides)
+    if args.resume is True:
+        ck = Path(cfg.train.out_dir) / "checkpoint"
+        if (ck / "config.yaml").exists() and args.config is None:
+            cfg = load_config(ck / "config.yaml", args.overrides)
+    out = Path(cfg.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    res = train(cfg, resume=args.resume, stop_at=args.stop_at)
+    if args.json:
+        print(json.dumps({k: v for k, v in res.items() if k != "meta"}, indent=2))
+        return 0
+    print(f"parameters: {res['n_params']:,}   steps: {res['step']}   "
+          f"wall: {res['wall_s']:.1f}s   throughput: {res['tokens_per_s']:,.0f} tokens/s")
+    if res.get("stopped"):
+        print(f"stopped at step {res['step']}; checkpoint: {res['checkpoint']}")
+        return 0
+    print(f"validation loss: {res['val_loss']:.4f}   perplexity: {res['val_ppl']:.3f}   "
+          f"(bits/token {res['val_loss'] / math.log(2):.3f})")
+    print(f"checkpoint: {res['checkpoint']}   logs: {out / 'metrics.jsonl'}, {out / 'loss.png'}")
+    if res.get("sample"):
+        print("----- sample -----")
+        print(res["sample"])
+        print("------------------")
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    add_train_args(p)
+    p.set_defaults(func=run_train)
