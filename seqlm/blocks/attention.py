@@ -54,11 +54,13 @@ class Attention(Block):
 
     def _qkv(self, x: torch.Tensor, offset: int):
         B, T, _ = x.shape
-        qkv = self.qkv_proj(x).view(B, T, self.n_heads + 2 * self.n_kv, self.hd).transpose(1, 2)
-        q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)  # (B, H*, T, hd)
+        H, Hkv = self.n_heads, self.n_kv
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, self.hd)
+        qk, v = qkv[:, :, :H + Hkv], qkv[:, :, H + Hkv:]
         if self.rope is not None:
-            q, k = self.rope.apply(q, offset), self.rope.apply(k, offset)
-        return q, k, v
+            qk = self.rope.apply(qk, offset)  # q and k heads rotated in one op
+        q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
+        return q, k, v.transpose(1, 2)  # (B, H*, T, hd)
 
     def forward(self, x, state=None):
         B, T, _ = x.shape
