@@ -168,7 +168,7 @@ class DataConfig(Section):
         "record is one document; documents are joined with EOS.",
     )
     text_field: str = Field("text", description="Record field holding the text in jsonl/parquet.")
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="The tokenizer (see below).")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Tail fraction of tokens held out for validation.")
     cache_dir: str = Field(".cache/seqlm", description="Where token caches are written.")
 
@@ -227,10 +227,10 @@ class EvalConfig(Section):
 class RunConfig(Section):
     """A whole run."""
 
-    model: ModelConfig = Field(default_factory=lambda: ModelConfig(pattern="*-"))
-    data: DataConfig = Field(default_factory=DataConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(pattern="*-"), description="The network.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training text and tokenizer.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation loop.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Validation and the final sample.")
 
 
 # --------------------------------------------------------------------------------------
