@@ -139,7 +139,7 @@ def main():
     cfg = load_config(args.config, [f"train.max_steps={args.iters}", f"train.out_dir={out_dir}",
                                     "eval.every=0", "eval.sample_tokens=0", "train.progress=false",
                                     "train.log_every=100"])
-    tok = build_tokenizer(cfg.data.tokenizer, cfg.data.files)
+    tok = build_tokenizer(cfg.data.tokenizer, cfg.data.files, text_field=cfg.data.text_field)
     data = load_data(cfg.data, tok)
 
     res = {"shape": {"n_layers": 4, "n_heads": 4, "d_model": 128, "block": 64, "batch": 12, "iters": args.iters},

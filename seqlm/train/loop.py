@@ -73,8 +73,8 @@ def _prepare(cfg: RunConfig, resume):
             raise CheckpointError(f"--resume: no checkpoint at {str(ckpt)!r}")
         tok = load_tokenizer(ckpt / "tokenizer")
     else:
-        tok = build_tokenizer(cfg.data.tokenizer, cfg.data.files)
-    return tok, load_data(cfg.data, tok), ckpt
+        tok = build_tokenizer(cfg.data.tokenizer, cfg.data.files, text_field=cfg.data.text_field)
+    return tok, load_data(cfg.data, tok, seq_len=cfg.train.seq_len), ckpt
 
 
 def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
