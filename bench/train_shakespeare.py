@@ -10,6 +10,8 @@ Shape: 4 layers, 4 heads, d_model 128, block 64, batch 12, 2000 iterations, Adam
 cosine to 1e-4, warmup 100, wd 0.1, beta2 0.99, clip 1.0. Reference: nanoGPT reaches val
 loss 1.886 in 2 min 37 s on this machine class. Throughput is measured over the training
 steps only (no eval); FLOPs per token = 6 * (matmul params) + 12 * n_layers * d * T.
+The speed ratio comes from an interleaved timing phase (rounds of 20 steps of each model,
+alternating, same batches), so background load hits both models alike.
 """
 from __future__ import annotations
 
@@ -116,6 +118,29 @@ def train_plain(data, vocab, iters, args):
     return {"val_loss": val, "wall_s": wall, "tokens_per_s": iters * 12 * 64 / wall, "matmul_params": n_mm}
 
 
+def interleaved_throughput(models: dict, data, rounds: int = 8, steps: int = 20) -> dict:
+    """tokens/s of each (model, optimizer) pair, timed in alternating rounds on the same batches."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [data.get_batch("train", 12, 64, gen) for _ in range(steps)]
+
+    def run(m, opt):
+        for x, y in batches:
+            m.loss(x, y).backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    for m, opt in models.values():
+        run(m, opt)  # warm-up
+    spent = {k: 0.0 for k in models}
+    for _ in range(rounds):
+        for k, (m, opt) in models.items():
+            t0 = time.perf_counter()
+            run(m, opt)
+            spent[k] += time.perf_counter() - t0
+    return {k: rounds * steps * 12 * 64 / v for k, v in spent.items()}
+
+
 def flops_per_token(matmul_params: int, n_layers=4, d=128, T=64) -> float:
     return 6 * matmul_params + 12 * n_layers * d * T
 
@@ -145,6 +170,20 @@ def main():
     res = {"shape": {"n_layers": 4, "n_heads": 4, "d_model": 128, "block": 64, "batch": 12, "iters": args.iters},
            "threads": torch.get_num_threads(), "matmul_peak_gflops": round(peak, 1),
            "nanogpt_reference": {"val_loss": 1.886, "wall_s": 157, "tokens_per_s": 9800}}
+    from seqlm.train.optim import make_optimizer
+
+    torch.manual_seed(0)
+    sm = build_model(cfg, tok.vocab_size)
+    pm = PlainGPT(tok.vocab_size)
+    tput = interleaved_throughput({
+        "seqlm": (sm, make_optimizer(sm, cfg.train)),
+        "plain": (pm, torch.optim.AdamW(pm.parameters(), lr=1e-3, betas=(0.9, 0.99), fused=True)),
+    }, data)
+    n_mm = sum(p.numel() for p in sm.parameters() if p.dim() == 2)
+    res["throughput_interleaved"] = {
+        k: {"tokens_per_s": v, "gflops": flops_per_token(n_mm) * v / 1e9,
+            "fraction_of_peak": flops_per_token(n_mm) * v / 1e9 / peak} for k, v in tput.items()}
+    res["speed_ratio_seqlm_over_plain"] = tput["seqlm"] / tput["plain"]
     if not args.skip_plain:
         plain = train_plain(data, tok.vocab_size, args.iters, args)
         plain["gflops"] = flops_per_token(plain["matmul_params"]) * plain["tokens_per_s"] / 1e9
@@ -163,11 +202,9 @@ def main():
     res["seqlm"] = {"config": os.path.relpath(args.config, ROOT), "val_loss": val200, "wall_s": s["wall_s"],
                     "tokens_per_s": s["tokens_per_s"], "n_params": s["n_params"], "matmul_params": n_mm,
                     "gflops": gflops, "fraction_of_peak": gflops / peak}
-    if "plain_gpt" in res:
-        res["speed_ratio_seqlm_over_plain"] = s["tokens_per_s"] / res["plain_gpt"]["tokens_per_s"]
     res["targets"] = {"val_loss<=1.89": val200 <= 1.89,
-                      "speed_ratio>=1": res.get("speed_ratio_seqlm_over_plain", 0) >= 1.0,
-                      "fraction_of_peak>=0.40": gflops / peak >= 0.40}
+                      "speed_ratio>=1": res["speed_ratio_seqlm_over_plain"] >= 1.0,
+                      "fraction_of_peak>=0.40": res["throughput_interleaved"]["seqlm"]["fraction_of_peak"] >= 0.40}
     text = json.dumps(res, indent=2)
     print(text)
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
