@@ -224,6 +224,64 @@ class EvalConfig(Section):
     top_p: Optional[float] = Field(None, gt=0, le=1, description="Nucleus filter; null: off.")
 
 
+class MemoryConfig(Section):
+    """HMT (He et al.): segment-by-segment memory, sensory memory and recall (seqlm/memory/hmt.py)."""
+
+    type: Literal["hmt"] = Field("hmt", description="Memory wrapper kind (only `hmt`).")
+    segment_len: int = Field(
+        128, gt=0, description="Tokens per segment; the backbone never sees more than "
+        "segment_len + n_sensory + 2*n_memory positions at once. train.seq_len may span several segments.",
+    )
+    n_memory: int = Field(
+        1, gt=0, description="Memory embeddings per segment (read at the front and written at the "
+        "end of every segment; the paper uses 1).",
+    )
+    n_sensory: int = Field(
+        16, ge=0, description="Sensory memory: the last n_sensory token embeddings of the previous "
+        "segment are prepended to each segment (0: off). At most segment_len.",
+    )
+    recall: bool = Field(
+        False, description="Stage 1 (false): a segment reads the previous segment's memory. Stage 2 "
+        "(true): it reads a recall attention over the cache of the last recall_cache memories "
+        "(adds a recall token and query/key projections; start it from a stage-1 checkpoint, see init_from).",
+    )
+    recall_cache: int = Field(32, gt=0, description="Stage 2: memory embeddings kept for recall.")
+    recall_dim: Optional[int] = Field(
+        None, gt=0, description="Stage 2: width of the recall query/key projections; null = d_model.",
+    )
+    query_len: Optional[int] = Field(
+        None, gt=0, description="Stage 2: tokens the recall query pass reads; null = segment_len // 2 "
+        "(the paper). At most segment_len.",
+    )
+    query_source: Literal["previous", "segment"] = Field(
+        "previous", description="Stage 2: which tokens the query pass reads. `previous`: the last "
+        "query_len tokens before the segment (causal; streaming and generation work). `segment`: the "
+        "first query_len tokens of the segment itself, as in the paper; the predictions of those tokens "
+        "then depend on a function of them (not causal), so only whole-window forward/loss accept it.",
+    )
+    bptt_depth: Optional[int] = Field(
+        None, gt=0, description="Training: gradients flow through the memory of the last bptt_depth "
+        "segments of each window; memories and sensory embeddings carried out of earlier segments are "
+        "detached. null = the whole window.",
+    )
+    init_from: Optional[str] = Field(
+        None, description="Checkpoint directory (a stage-1 HMT or a plain LM) whose weights initialise "
+        "a fresh run; parameters it lacks (e.g. the stage-2 recall parameters) are newly initialised "
+        "and listed. Ignored when resuming.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "MemoryConfig":
+        problems = []
+        if self.n_sensory > self.segment_len:
+            problems.append(f"n_sensory: {self.n_sensory} exceeds segment_len={self.segment_len}")
+        if self.query_len is not None and self.query_len > self.segment_len:
+            problems.append(f"query_len: {self.query_len} exceeds segment_len={self.segment_len}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class RunConfig(Section):
     """A whole run."""
 
@@ -231,6 +289,9 @@ class RunConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Training text and tokenizer.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation loop.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Validation and the final sample.")
+    memory: Optional[MemoryConfig] = Field(
+        None, description="Hierarchical memory (HMT) around the model; null: a plain LM."
+    )
 
 
 # --------------------------------------------------------------------------------------

@@ -135,5 +135,11 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] 
 
 
 def build_model(cfg, vocab_size: Optional[int] = None) -> nn.Module:
-    """Build the model a RunConfig describes (the one entry point train/eval/convert use)."""
+    """Build the model a RunConfig describes (the one entry point train/eval/convert use).
+
+    With a ``memory`` section the LM is the HMT wrapper (seqlm.memory), same interface."""
+    if getattr(cfg, "memory", None) is not None:
+        from seqlm.memory import build_memory_model
+
+        return build_memory_model(cfg.model, cfg.memory, vocab_size)
     return LM(cfg.model, vocab_size)
