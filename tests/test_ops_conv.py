@@ -20,3 +20,30 @@ def test_conv_matches_ref_and_state():
         outs.append(yt[..., None])
     torch.testing.assert_close(torch.cat(outs, -1), ref)
     torch.testing.assert_close(st, x[..., L - K + 1:])
+
+
+def test_cuda_dispatch_decision(monkeypatch):
+    import seqlm.ops.conv as conv
+
+    x = torch.randn(1, 2, 5)
+    monkeypatch.setattr(conv, "_cc1d_fn", None)
+    assert not conv.use_cuda_conv(x)
+    calls = []
+    monkeypatch.setattr(conv, "_cc1d_fn", lambda *a, **k: calls.append(1))
+    assert not conv.use_cuda_conv(x)  # CPU tensor: torch path even when the kernel imports
+    y, _ = conv.causal_conv1d(x, torch.randn(2, 3))
+    assert not calls and y.shape == x.shape
+
+
+def test_cuda_dispatch_taken_for_cuda_tensors(monkeypatch):
+    import seqlm.ops.conv as conv
+
+    calls = []
+    monkeypatch.setattr(conv, "_cc1d_fn", lambda x, w, b, activation=None: calls.append(activation) or x)
+    x = torch.randn(1, 2, 5)
+    monkeypatch.setattr(type(x), "is_cuda", property(lambda self: True), raising=False)
+    try:
+        conv.causal_conv1d(x, torch.randn(2, 3), activation="silu")
+    finally:
+        monkeypatch.undo()
+    assert calls == ["silu"]

@@ -29,7 +29,13 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if state is None and use_cuda_conv(x):
         return _cc1d_fn(x, weight, bias, activation=activation), None
     xp = torch.cat([state.to(x.dtype), x], dim=-1) if state is not None else F.pad(x, (K - 1, 0))
-    y = F.conv1d(xp, weight[:, None, :], bias, groups=C)  # (B, C, L)
+    # K shifted multiply-adds: on CPU ~8x faster forward+backward than a grouped F.conv1d
+    # (whose depthwise backward is very slow there), and the same on GPU.
+    y = xp[..., K - 1:] * weight[:, K - 1:K]
+    for k in range(K - 1):
+        y = y + xp[..., k:k + L] * weight[:, k:k + 1]  # (B, C, L)
+    if bias is not None:
+        y = y + bias[:, None]
     if activation == "silu":
         y = F.silu(y)
     new_state = xp[..., xp.shape[-1] - (K - 1):] if state is not None else None
