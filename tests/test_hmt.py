@@ -90,7 +90,7 @@ def test_segments_equal_explicit_loop(mixer, mem):
         got, state = model(x)
         ref = explicit_loop(model, x)
     assert state is None and got.shape == (2, 43, V)
-    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(got, ref, rtol=1e-7, atol=1e-8)
     # the memory matters: a different initial memory changes every segment's logits
     with torch.no_grad():
         model.memory.initial.add_(1.0)
