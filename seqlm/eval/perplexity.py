@@ -78,7 +78,9 @@ def _hidden_logprobs(model, x: torch.Tensor, y: torch.Tensor, chunk: int) -> tor
     for i, xi in pieces:
         h, state = model.hidden(xi, state)  # (b, c, D)
         for j in range(0, h.shape[1], chunk):
-            logits = model.head(h[:, j:j + chunk]).float()  # (b, c, V)
+            logits = model.head(h[:, j:j + chunk])  # (b, c, V)
+            if logits.dtype in (torch.float16, torch.bfloat16):
+                logits = logits.float()
             tgt = y[:, i + j:i + j + logits.shape[1]]  # (b, c)
             out.append(F.cross_entropy(logits.transpose(1, 2), tgt, reduction="none", ignore_index=-100))
     return torch.cat(out, 1)
