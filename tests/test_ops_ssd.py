@@ -146,3 +146,24 @@ def test_bad_groups_is_a_clear_error():
     x, dt, A, B, C, D, h0 = inputs(H=4, G=2)
     with pytest.raises(ValueError, match="G=3 must divide heads H=4"):
         ssd_scan(x, dt, A, B[..., :1, :].expand(-1, -1, 3, -1), C[..., :1, :].expand(-1, -1, 3, -1), 4)
+
+
+@pytest.mark.parametrize("G", [1, 2])
+def test_single_chunk_stateless_path_matches_ref(G):
+    """return_state=False with no h0 and L <= chunk takes the intra-chunk-only kernel."""
+    x, dt, A, B, C, D, _ = inputs(G=G, L=13)
+    args = [t.requires_grad_() for t in (x, dt, A, B, C, D)]
+    y, h = ssd_scan(*args[:5], 16, args[5], None, return_state=False)
+    assert h is None
+    yr, _ = ssd_ref(*args[:5], args[5])
+    torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad((y * gy).sum(), args)
+    want = torch.autograd.grad((yr * gy).sum(), args)
+    for name, a, b in zip("x dt A B C D".split(), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"grad {name}")
+    xs = x.detach()[:1, :6].clone().requires_grad_()
+    rest = [t.detach()[:1, :6].clone().requires_grad_() for t in (dt, B, C)]
+    assert torch.autograd.gradcheck(
+        lambda x_, dt_, A_, B_, C_: ssd_scan(x_, dt_, A_, B_, C_, 8, None, None, return_state=False)[0],
+        (xs, rest[0], A.detach().clone().requires_grad_(), rest[1], rest[2]))

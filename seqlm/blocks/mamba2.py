@@ -128,7 +128,7 @@ class Mamba2(Block):
         xs, B, C, dt, A = self._ssm_inputs(xBC.transpose(1, 2), dt)
         y, h = ssd_scan(xs.reshape(Bsz, T, self.H, self.P), dt, A, B.reshape(Bsz, T, self.G, self.N),
                         C.reshape(Bsz, T, self.G, self.N), self.cfg.chunk_size, D=self.D,
-                        h0=None if state is None else state["ssm"])
+                        h0=None if state is None else state["ssm"], return_state=state is not None)
         out = self._out(y.reshape(Bsz, T, self.d_inner), z)
         return out, (None if state is None else {"conv": conv_state, "ssm": h})
 
