@@ -128,6 +128,16 @@ def run_generate(args) -> int:
     return 0
 
 
+def run_lm_eval(args) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ValueError("lm-eval is not installed: pip install -e '.[lmeval]'")
+    from seqlm.eval.lm_eval_adapter import main
+
+    return main(getattr(args, "passthrough_args", []))
+
+
 def add_commands(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a checkpoint: perplexity and long-context tasks")
     esub = ev.add_subparsers(dest="eval_command", metavar="TASK")
@@ -154,6 +164,11 @@ def add_commands(sub) -> None:
         from seqlm.eval.tasks.cli import add_task_commands
 
         add_task_commands(esub)
+
+    le = sub.add_parser("lm-eval", help="lm-evaluation-harness with the seqlm model registered "
+                        "(all arguments go to lm-eval: --model seqlm --model_args checkpoint=DIR --tasks ...)",
+                        add_help=False)
+    le.set_defaults(func=run_lm_eval, passthrough=True)
 
     g = sub.add_parser("generate", help="generate text from a checkpoint, streaming to stdout")
     g.add_argument("--checkpoint", required=True)
