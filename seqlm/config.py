@@ -265,9 +265,11 @@ class MemoryConfig(Section):
         "detached. null = the whole window.",
     )
     init_from: Optional[str] = Field(
-        None, description="Checkpoint directory (a stage-1 HMT or a plain LM) whose weights initialise "
-        "a fresh run; parameters it lacks (e.g. the stage-2 recall parameters) are newly initialised "
-        "and listed. Ignored when resuming.",
+        None, description="Checkpoint directory (a stage-1 HMT or a plain LM) whose weights and tokenizer "
+        "initialise a fresh run; parameters it lacks (e.g. the stage-2 recall parameters) are newly "
+        "initialised and listed. Ignored when resuming. Two-stage training: train a stage-1 config "
+        "(recall: false), then a copy of it with recall: true and init_from: <stage-1 out_dir>/checkpoint "
+        "(configs/hmt_stage1.yaml, configs/hmt_stage2.yaml).",
     )
 
     @model_validator(mode="after")

@@ -72,6 +72,11 @@ def _prepare(cfg: RunConfig, resume):
         if not (ckpt / "model.safetensors").exists():
             raise CheckpointError(f"--resume: no checkpoint at {str(ckpt)!r}")
         tok = load_tokenizer(ckpt / "tokenizer")
+    elif getattr(cfg, "memory", None) is not None and cfg.memory.init_from:
+        src = Path(cfg.memory.init_from)  # HMT stage 2: keep the stage-1 checkpoint's tokenizer
+        if not (src / "tokenizer").exists():
+            raise CheckpointError(f"memory.init_from: no checkpoint at {str(src)!r} (tokenizer/ missing)")
+        tok = load_tokenizer(src / "tokenizer")
     else:
         tok = build_tokenizer(cfg.data.tokenizer, cfg.data.files, text_field=cfg.data.text_field)
     return tok, load_data(cfg.data, tok, seq_len=cfg.train.seq_len), ckpt
@@ -106,7 +111,15 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
         if torch.cuda.is_available() and st.get("cuda_rng") is not None:
             torch.cuda.set_rng_state_all(st["cuda_rng"])
         step = st["step"]
+    else:  # fresh run: HMT stage 2 starts from a stage-1 (or plain LM) checkpoint (memory.init_from)
+        from seqlm.memory import maybe_init_from
+
+        maybe_init_from(model, cfg)
     n_params = model.num_params()
+    if hasattr(model, "param_counts"):  # HMT: report the memory's extra parameters
+        c = model.param_counts()
+        print(f"HMT: backbone {c['backbone']:,} params + memory {c['hmt']:,} "
+              f"({c['hmt_pct_of_backbone']:.2f}% extra)")
     log = MetricsLog(out, truncate_after=step if ckpt is not None else None)
     fwd = torch.compile(model) if tc.compile else model
 
