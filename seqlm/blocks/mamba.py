@@ -11,11 +11,12 @@ import math
 from typing import Literal, Union
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
 from seqlm.blocks.base import Block, BlockConfig
-from seqlm.ops.conv import causal_conv1d, causal_conv1d_step
+from seqlm.ops.conv import causal_conv1d, causal_conv1d_step, use_cuda_conv
 from seqlm.ops.selective_scan import selective_scan, selective_scan_step
 from seqlm.registry import register
 
@@ -96,11 +97,33 @@ class Mamba(Block):
         dt, B, C = self.x_proj(xc).split([self.R, self.N, self.N], dim=-1)
         return dt @ self.dt_proj.weight.t(), B, C
 
+    def _in_proj(self, x):
+        """(x, z) by two matmuls on the halves of in_proj (no (L, 2 d_inner) split/cat)."""
+        W, b, n = self.in_proj.weight, self.in_proj.bias, self.d_inner
+        return (F.linear(x, W[:n], None if b is None else b[:n]),
+                F.linear(x, W[n:], None if b is None else b[n:]))
+
+    def _conv(self, xs, conv_state):
+        """Causal depthwise conv + SiLU on token-major xs (B, L, C); state (B, C, K-1)."""
+        if use_cuda_conv(xs):
+            y, st = causal_conv1d(xs.transpose(1, 2), self.conv_weight, self.conv_bias, conv_state, "silu")
+            return y.transpose(1, 2), st
+        K, L = self.cfg.d_conv, xs.shape[1]
+        w = self.conv_weight.t()                                               # (K, C)
+        xp = (F.pad(xs, (0, 0, K - 1, 0)) if conv_state is None
+              else torch.cat([conv_state.transpose(1, 2).to(xs.dtype), xs], dim=1))
+        # K shifted multiply-adds along L, contiguous in this layout (no transposes)
+        y = xp[:, K - 1:] * w[K - 1]
+        for k in range(K - 1):
+            y = torch.addcmul(y, xp[:, k:k + L], w[k])
+        if self.conv_bias is not None:
+            y = y + self.conv_bias
+        new_state = None if conv_state is None else xp[:, xp.shape[1] - (K - 1):].transpose(1, 2)
+        return F.silu(y), new_state
+
     def forward(self, x, state=None):
-        xs, z = self.in_proj(x).chunk(2, dim=-1)                               # (B, L, d_inner)
-        xc, conv_state = causal_conv1d(xs.transpose(1, 2), self.conv_weight, self.conv_bias,
-                                       None if state is None else state["conv"], "silu")
-        xc = xc.transpose(1, 2)
+        xs, z = self._in_proj(x)                                               # (B, L, d_inner)
+        xc, conv_state = self._conv(xs, None if state is None else state["conv"])
         delta, B, C = self._ssm_inputs(xc)
         y, h = selective_scan(xc, delta, -torch.exp(self.A_log), B, C, self.D, z, self.dt_proj.bias,
                               True, None if state is None else state["ssm"], self.cfg.chunk_size)

@@ -53,7 +53,7 @@ def _chunk_states(dA: Tensor, dBu: Tensor, h: Tensor) -> Tensor:
 
 def _chunk_inputs(u, delta, A, B):
     """(Q, b, Dm) u, delta; (Q, b, N) B -> decays dA and inputs dBu, both (Q, b, Dm, N)."""
-    dA = torch.exp(delta[..., None] * A)
+    dA = (delta[..., None] * A).exp_()
     dBu = (delta * u)[..., None] * B[:, :, None, :]
     return dA, dBu
 
