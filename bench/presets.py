@@ -76,6 +76,10 @@ def main() -> None:
                          "wall_s": round(r["wall_s"], 1), "tokens_per_s": round(r["tokens_per_s"]),
                          "steps": r["step"]}
         print(f"[presets] {name}: {results[name]}", file=sys.stderr, flush=True)
+    res_path = ROOT / "bench" / "results" / "presets.json"
+    if not args.quick and res_path.exists():  # a subset run updates the stored table
+        old = json.loads(res_path.read_text()).get("presets", {})
+        results = {**{k: v for k, v in old.items() if k not in results}, **results}
     ok = [n for n, r in results.items() if "val_loss" in r and n in ("hybrid", "h3")
           and r["val_loss"] <= 1.80 and r["wall_s"] <= NANOGPT["wall_s"]]
     out = {"budget": {"steps": steps or 2000, "batch": 12, "seq_len": 64, "val_batches": n_val},
