@@ -7,12 +7,14 @@ fixed random g, so backward runs through every parameter and the input.
 
 Each (block, L) runs in a fresh subprocess, so one measurement cannot inherit another's
 allocator high-water mark:
-- time: best of ``--repeats`` forward+backward passes after one warm-up pass;
-- peak memory: the process's peak resident set (``ru_maxrss``) after the first pass minus its
-  resident set just before it (the block, its parameters and the input already allocated):
-  the extra memory the forward+backward needed, activations + saved tensors + gradients +
-  workspace. Large tensors are mmap-backed and returned on free, so this is an honest peak
-  of what the pass held at once (the allocator only adds its small-block slack).
+- time: best of ``--repeats`` forward+backward passes after one warm-up pass (wall ``time_s``;
+  also ``cpu_s``, the process CPU time, which is robust to other load on a shared machine);
+- peak memory: in a second fresh subprocess (glibc's mmap threshold fixed at 128 KiB, see
+  MEM_ENV, so every tensor is its own mapping, returned to the OS on free), the process's peak
+  resident set (``ru_maxrss``) after one pass minus its resident set just before it (block,
+  parameters and input already allocated; a tiny L=64 pass has done the libraries' lazy
+  inits): the extra memory the forward+backward held at its peak - activations, saved
+  tensors, gradients, workspace.
 Attention stops once a pass takes more than ``--max-seconds`` (the rest are listed as
 skipped with the reason). Summary per block: t(Lmax)/t(Lmin) (target <= 40 for SSMs over
 1k -> 32k, i.e. close to the 32x of linear scaling) and the log-log slopes of time and memory.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -55,28 +58,44 @@ def worker(name: str, L: int, d_model: int, threads: int, repeats: int) -> dict:
     torch.manual_seed(0)
     cls = registry.get_block(name)
     blk = cls(cls.Config(), d_model)
-    x = torch.randn(1, L, d_model, requires_grad=True)
-    g = torch.randn(1, L, d_model)
 
-    def step():
+    def step(x, g):
         y, _ = blk(x)
         (y * g).sum().backward()
         blk.zero_grad(set_to_none=True)
-        x.grad = None
 
+    step(torch.randn(1, 64, d_model, requires_grad=True), torch.randn(1, 64, d_model))  # lazy inits
+    x = torch.randn(1, L, d_model, requires_grad=True)
+    g = torch.randn(1, L, d_model)
     rss0 = _rss_bytes()
-    t = time.perf_counter()
-    step()
-    first = time.perf_counter() - t
+    t, c = time.perf_counter(), time.process_time()
+    step(x, g)
+    first = (time.perf_counter() - t, time.process_time() - c)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0  # ru_maxrss: KiB
     times = [first]
-    if first < 30:  # slow passes are timed once
+    if first[0] < 30 and repeats > 0:  # slow passes are timed once
         times = []
         for _ in range(repeats):
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
-    return {"L": L, "time_s": min(times), "peak_mem_mb": max(peak, 0) / 2**20}
+            x.grad = None
+            t, c = time.perf_counter(), time.process_time()
+            step(x, g)
+            times.append((time.perf_counter() - t, time.process_time() - c))
+    return {"L": L, "time_s": min(times)[0], "cpu_s": min(t[1] for t in times),
+            "peak_mem_mb": max(peak, 0) / 2**20}
+
+
+# For the memory run: a fixed mmap threshold makes glibc serve every tensor above 128 KiB with
+# its own mapping, returned to the OS on free. (By default the threshold grows after frees, so
+# later tensors come from the heap and freed heap memory stays resident, which would count
+# fragmentation as "peak".) It slows allocation down, so time is measured in a separate run.
+MEM_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def _run_worker(cmd: list[str], env: dict) -> dict | str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+    if proc.returncode != 0:
+        return f"worker failed: {proc.stderr.strip()[-300:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def slope(xs, ys) -> float | None:
@@ -142,33 +161,36 @@ def main() -> None:
                 continue
             cmd = [sys.executable, __file__, "--worker", name, str(L), "--d-model", str(args.d_model),
                    "--threads", str(args.threads), "--repeats", str(args.repeats)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                skipped.append({"L": L, "reason": f"worker failed: {proc.stderr.strip()[-300:]}"})
+            p = _run_worker(cmd, {})
+            if isinstance(p, str):
+                skipped.append({"L": L, "reason": p})
                 break
-            p = json.loads(proc.stdout.strip().splitlines()[-1])
+            mem = _run_worker(cmd + ["--repeats", "0"], MEM_ENV)
+            p["peak_mem_mb"] = mem["peak_mem_mb"] if isinstance(mem, dict) else None
             points.append(p)
-            print(f"{name:10s} L={L:6d}  {p['time_s']:.3f} s  {p['peak_mem_mb']:.1f} MiB", file=sys.stderr)
+            print(f"{name:10s} L={L:6d}  {p['time_s']:.3f} s (cpu {p['cpu_s']:.3f} s)  "
+                  f"{p['peak_mem_mb']:.1f} MiB", file=sys.stderr)
         Ls = [p["L"] for p in points]
         r = {"points": points, "skipped": skipped,
              "time_slope": slope(Ls, [p["time_s"] for p in points]),
              "mem_slope": slope(Ls, [p["peak_mem_mb"] for p in points])}
         if len(points) >= 2:
             r[f"time_ratio_{Ls[-1]}_over_{Ls[0]}"] = points[-1]["time_s"] / points[0]["time_s"]
+            r[f"cpu_ratio_{Ls[-1]}_over_{Ls[0]}"] = points[-1]["cpu_s"] / points[0]["cpu_s"]
             r["mem_mb_per_1k_tokens"] = ((points[-1]["peak_mem_mb"] - points[0]["peak_mem_mb"])
                                          / ((Ls[-1] - Ls[0]) / 1024))
         results[name] = r
 
     out = {"mode": "quick" if args.quick else "full", "d_model": args.d_model, "batch": 1,
            "dtype": "float32", "threads": args.threads, "lengths": lengths,
-           "memory_method": "peak RSS (ru_maxrss) minus RSS before the first forward+backward, "
-                            "one fresh subprocess per (block, L)",
+           "memory_method": "peak RSS (ru_maxrss) minus RSS before one forward+backward, in a fresh "
+                            "subprocess per (block, L) with MALLOC_MMAP_THRESHOLD_=131072",
            "ssm_target": "t(32k)/t(1k) <= 40", "blocks": results}
     res = ROOT / "bench" / "results" / "scaling.json"
     res.parent.mkdir(parents=True, exist_ok=True)
     res.write_text(json.dumps(out, indent=2) + "\n")
     plot(results, ROOT / "docs" / "img" / "scaling.png",
-         f"one layer, d_model {args.d_model}, batch 1, fp32 CPU, {args.threads} threads")
+         f"one layer, d_model {args.d_model}, batch 1, fp32 CPU, {args.threads} thread(s)")
     print(json.dumps(out))
 
 
