@@ -35,6 +35,7 @@ try:  # optional CUDA fast path
 except Exception:  # noqa: BLE001
     _ssfn = None
 
+LOG2E = 1.4426950408889634
 DEFAULT_CHUNK = 64  # fits the per-chunk (Q, b, Dm, N) buffers in cache for Dm*N ~ 8k
 
 
@@ -51,9 +52,10 @@ def _chunk_states(dA: Tensor, dBu: Tensor, h: Tensor) -> Tensor:
     return hs
 
 
-def _chunk_inputs(u, delta, A, B):
-    """(Q, b, Dm) u, delta; (Q, b, N) B -> decays dA and inputs dBu, both (Q, b, Dm, N)."""
-    dA = (delta[..., None] * A).exp_()
+def _chunk_inputs(u, delta, A2, B):
+    """(Q, b, Dm) u, delta; A2 = A log2(e); (Q, b, N) B -> decays dA = exp(delta A) and
+    inputs dBu = delta u B, both (Q, b, Dm, N). (exp2 is ~3x faster than exp on CPU.)"""
+    dA = torch.exp2(delta[..., None] * A2)
     dBu = (delta * u)[..., None] * B[:, :, None, :]
     return dA, dBu
 
@@ -67,11 +69,12 @@ class _ScanFn(torch.autograd.Function):
         starts = list(range(0, L, Q))
         H = u.new_empty(len(starts), b, Dm, A.shape[1])       # state at each chunk start
         y = torch.empty_like(u)
+        A2 = A * LOG2E
         h = h0
         for i, s in enumerate(starts):
             e = min(s + Q, L)
             H[i] = h
-            dA, dBu = _chunk_inputs(u[s:e], delta[s:e], A, B[s:e])
+            dA, dBu = _chunk_inputs(u[s:e], delta[s:e], A2, B[s:e])
             hs = _chunk_states(dA, dBu, h)                     # (q, b, Dm, N)
             y[s:e] = torch.einsum("qbdn,qbn->qbd", hs, C[s:e])
             h = hs[-1].clone()
@@ -89,12 +92,13 @@ class _ScanFn(torch.autograd.Function):
         gA = torch.zeros_like(A)
         if gy is None:
             gy = torch.zeros_like(u)
+        A2 = A * LOG2E
         g = gh_last if gh_last is not None else H.new_zeros(H.shape[1:])  # dL/dh at chunk end
         for i in range(len(H) - 1, -1, -1):
             s = i * Q
             e = min(s + Q, L)
             uc, dc, Bc, Cc, gyc = u[s:e], delta[s:e], B[s:e], C[s:e], gy[s:e]
-            dA, dBu = _chunk_inputs(uc, dc, A, Bc)
+            dA, dBu = _chunk_inputs(uc, dc, A2, Bc)
             hs = _chunk_states(dA, dBu, H[i])
             # gC_t[n] = sum_d gy_t[d] h_t[d, n]
             torch.matmul(gyc[:, :, None, :], hs, out=gC[s:e, :, None, :])
