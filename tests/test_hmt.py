@@ -91,11 +91,12 @@ def test_segments_equal_explicit_loop(mixer, mem):
         ref = explicit_loop(model, x)
     assert state is None and got.shape == (2, 43, V)
     torch.testing.assert_close(got, ref, rtol=1e-7, atol=1e-8)
-    # the memory matters: a different initial memory changes every segment's logits
+    # the memory matters: a different initial memory changes every segment's logits (fp64; the
+    # influence decays through SSM states, e.g. to ~1e-8 for Mamba-1, far above roundoff ~1e-16)
     with torch.no_grad():
         model.memory.initial.add_(1.0)
         other, _ = model(x)
-    assert (other - got).abs().amax(dim=(0, 2)).min() > 1e-6
+    assert (other - got).abs().amax(dim=(0, 2)).min() > 1e-12
 
 
 @pytest.mark.parametrize("mixer", MIXERS)
