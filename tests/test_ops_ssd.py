@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from seqlm.ops import ssd
-from seqlm.ops.ssd import ssd_matrix, ssd_ref, ssd_scan, ssd_step
+from seqlm.ops.ssd import ssd_matrix, ssd_ref, ssd_scan, ssd_step, ssd_step_ref
 
 
 def inputs(b=2, L=21, H=4, P=3, N=5, G=2, dtype=torch.float64, dt_scale=0.5, seed=0):
@@ -69,6 +69,31 @@ def test_step_equals_scan():
         outs.append(yt)
     torch.testing.assert_close(torch.stack(outs, 1), y)
     torch.testing.assert_close(h, hl)
+
+
+@pytest.mark.parametrize("G", [1, 2, 4])
+def test_step_matches_ref_step_values_and_grads(G):
+    x, dt, A, B, C, D, h = inputs(L=1, G=G)
+    args = [t.requires_grad_() for t in (x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], h, D)]
+    x1, dt1, A1, B1, C1, h1, D1 = args
+    y, hn = ssd_step(x1, dt1, A1, B1, C1, h1, D1)
+    yr, hr = ssd_step_ref(x1, dt1, A1, B1, C1, h1, D1)
+    torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(hn, hr, rtol=1e-12, atol=1e-12)
+    gy, gh = torch.randn_like(y), torch.randn_like(hn)
+    got = torch.autograd.grad((y * gy).sum() + (hn * gh).sum(), args)
+    want = torch.autograd.grad((yr * gy).sum() + (hr * gh).sum(), args)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # a non-contiguous state (e.g. a permuted view) gives the same step
+    hp = h.detach().permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)
+    assert not hp.is_contiguous()
+    torch.testing.assert_close(ssd_step(x1, dt1, A1, B1, C1, hp, D1)[1], hr)
+
+
+def test_scan_final_state_is_contiguous():
+    x, dt, A, B, C, D, h0 = inputs(L=12)
+    assert ssd_scan(x, dt, A, B, C, 4, D, h0)[1].is_contiguous()
 
 
 def test_strong_decay_stays_finite_and_exact():

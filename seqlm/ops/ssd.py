@@ -79,7 +79,8 @@ class _SSDChunked(torch.autograd.Function):
         out = torch.add(y_off, y, out=torch.empty_like(y_off)).view(b, L, H, P)
         ctx.save_for_backward(x, dt, A, Bc, Cc, cumT, Lm, M, uh, w, a, S, h_last, out)
         ctx.Q = Q
-        return out, h_last.permute(0, 1, 3, 4, 2).reshape(b, H, P, N)
+        # contiguous (b, H, P, N): decode steps then run on a dense state
+        return out, h_last.permute(0, 1, 3, 4, 2).contiguous().view(b, H, P, N)
 
     @staticmethod
     def backward(ctx, gy, gh):
@@ -217,7 +218,24 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
 
 def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Tensor,
              D: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """One token: x (b, H, P), dt (b, H), B/C (b, G, N), h (b, H, P, N) -> y (b, H, P), new h."""
+    """One token: x (b, H, P), dt (b, H), B/C (b, G, N), h (b, H, P, N) -> y (b, H, P), new h.
+
+    Decode hot path: B and C broadcast over the heads of their group (no per-head copies),
+    the decay and input term fused in one addcmul; same result as ``ssd_step_ref``."""
+    b, H, P = x.shape
+    G, N = B.shape[1], B.shape[2]
+    Hg = H // G
+    a = (dt * A).exp_().view(b, G, Hg, 1, 1)                          # decay per head
+    u = (x * dt[..., None]).view(b, G, Hg, P, 1)                      # dt x
+    h = torch.addcmul(h.reshape(b, G, Hg, P, N) * a, u, B.view(b, G, 1, 1, N))
+    y = (h @ C.view(b, G, 1, N, 1)).view(b, H, P)                     # h C per head
+    if D is not None:
+        y = torch.addcmul(y, x, D[:, None])
+    return y, h.view(b, H, P, N)
+
+
+def ssd_step_ref(x, dt, A, B, C, h, D=None):
+    """Obvious one-token recurrence (per-head copies of B and C)."""
     b, H, P = x.shape
     G = B.shape[1]
     Bh = B.repeat_interleave(H // G, dim=1)                           # (b, H, N)
@@ -237,7 +255,7 @@ def ssd_ref(x, dt, A, B, C, D=None, h0=None):
     h = x.new_zeros(b, H, P, N) if h0 is None else h0
     ys = []
     for t in range(L):
-        y, h = ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], h, D)
+        y, h = ssd_step_ref(x[:, t], dt[:, t], A, B[:, t], C[:, t], h, D)
         ys.append(y)
     return torch.stack(ys, 1), h
 
