@@ -44,6 +44,29 @@ def _char_table() -> str:
     return ", ".join(f"'{c}'={n}" for c, n in sorted(registry.pattern_chars().items()))
 
 
+class RecursiveConfig(Section):
+    """Relaxed recursive sharing (Bae et al.): K unique blocks looped over the depth, per-depth LoRA."""
+
+    groups: int = Field(
+        ..., gt=0, description="K unique blocks; layer l runs block l mod K (a cycle), so layers l and "
+        "l mod K must have identical specs. Shared: every nn.Linear weight of the block. Per depth: the "
+        "pre-norm, the LoRA adapters and the block's small non-Linear parameters (biases, conv weights, "
+        "A_log, D, dt bias, inner norms), which keeps SVD conversion exact (seqlm/recursive.py).",
+    )
+    lora_rank: int = Field(
+        0, ge=0, description="Rank r of each depth's LoRA on every shared Linear: W'x + (alpha/r) B_l A_l x "
+        "(capped at min(in, out) per Linear). 0: pure tying, one weight tensor per shared Linear.",
+    )
+    lora_alpha: Optional[float] = Field(
+        None, gt=0, description="LoRA scale numerator (scale = alpha / r); null = r (scale 1).",
+    )
+    init: Literal["average", "first"] = Field(
+        "average", description="How `seqlm convert recursive` set the shared weights from the tied layers "
+        "(their average, or the first of them; the LoRA then holds the truncated SVD of each layer's "
+        "residual W_l - W'). A fresh model draws the shared weights with the normal init either way.",
+    )
+
+
 class ModelConfig(Section):
     """The network: embedding -> stack of layers -> final norm -> LM head."""
 
@@ -74,6 +97,16 @@ class ModelConfig(Section):
     tie_embeddings: bool = Field(True, description="Share the embedding and LM-head weight.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on embeddings and sub-layer outputs.")
     init_std: float = Field(0.02, gt=0, description="Std of the normal weight init.")
+    residual: Literal["standard", "ladder"] = Field(
+        "standard", description="`standard`: r = r + f_i(norm_i(r)). `ladder` (Zhang et al.): sub-layer i "
+        "reads the residual stream without sub-layer i-1's output (added one step late), so that output's "
+        "tensor-parallel all-reduce can overlap compute; the final norm reads r + the last output. A "
+        "standard model's weights load into a ladder model (same parameters), but that changes the "
+        "function: retrain / fine-tune after switching.",
+    )
+    recursive: Optional[RecursiveConfig] = Field(
+        None, description="Relaxed recursive sharing of the layers (see below); null: every layer owns its weights.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -136,6 +169,20 @@ class ModelConfig(Section):
         for i, spec in enumerate(self.layers or []):
             for fld, why in spec.check(self.d_model):
                 problems.append(f"layers[{i}].{fld}: {why}")
+        rc, layers = self.recursive, self.layers or []
+        if rc is not None and not problems:
+            if rc.groups > len(layers):
+                problems.append(f"recursive.groups: {rc.groups} exceeds n_layers={len(layers)}")
+            else:
+                for i in range(rc.groups, len(layers)):
+                    k = i % rc.groups
+                    if layers[i] != layers[k]:
+                        a, b = layers[i].model_dump(), layers[k].model_dump()
+                        diff = (f"type={a['type']!r} vs {b['type']!r}" if a["type"] != b["type"] else
+                                ", ".join(f"{f}={a[f]!r} vs {b[f]!r}" for f in a if a[f] != b[f]))
+                        problems.append(f"layers[{i}]: runs shared block {k} (recursive.groups={rc.groups}) "
+                                        f"so must equal layers[{k}], but differs in {diff}")
+                        break
         if problems:
             raise ValueError("; ".join(problems))
         return self

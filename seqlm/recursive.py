@@ -1,0 +1,232 @@
+"""Relaxed Recursive Transformers (Bae et al.): shared blocks + per-depth LoRA, and the SVD
+conversion of an unshared checkpoint (``seqlm convert recursive``).
+
+The stack keeps K shared blocks and one :class:`DepthParams` per layer (depth). Block code is
+never copied or edited: what a depth owns is swapped into the shared block's parameter slots
+for the duration of that depth's call (:func:`use_depth`):
+
+- every ``nn.Linear`` weight W' is shared by the layers l = k, k + K, k + 2K, ...; with
+  ``lora_rank`` r > 0, depth l sees W' + (alpha / r) B_l A_l (B_l: (out, r), A_l: (r, in),
+  r capped at min(in, out)). The delta is merged into the weight the block reads, so it works
+  for blocks that use ``linear.weight`` directly (Mamba-1 splits in_proj, uses dt_proj.weight);
+  in ``no_grad`` (generation) the merged weights are cached until a parameter changes.
+  r = 0 is pure tying: the shared block's weight is the one tensor every depth reads.
+- every other parameter of the block (Linear biases, conv weights, A_log, D, dt bias, inner
+  norms, H3's SSM parameters) is a per-depth copy: they are small (vectors, or d_conv-wide
+  convs), and owning them makes the full-rank conversion exact. The pre-norms are per depth
+  too (the stack's ``norms``), as in the paper's cheap variant.
+
+Conversion (:func:`convert_model`): W' = mean of the tied layers' weights (``init: average``)
+or the first of them (``first``); B_l A_l = truncated SVD of W_l - W' (computed in fp64);
+per-depth parameters and everything outside the stack are copied. At full rank the converted
+model computes the original function (tests/test_recursive.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from seqlm.config import RecursiveConfig, parse_config
+
+
+def _key(path: str) -> str:
+    """Parameter path inside a block -> a legal attribute name of DepthParams."""
+    return path.replace(".", "__")
+
+
+def linear_paths(block: nn.Module) -> list[str]:
+    """Paths of the block's nn.Linear submodules (their weights are what gets shared)."""
+    return [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+
+
+def own_paths(block: nn.Module) -> list[str]:
+    """Paths of the block's parameters that are not Linear weights (kept per depth)."""
+    shared = {f"{p}.weight" for p in linear_paths(block)}
+    return [n for n, _ in block.named_parameters() if n not in shared]
+
+
+def lora_rank_of(lin: nn.Linear, rank: int) -> int:
+    return min(rank, lin.in_features, lin.out_features)
+
+
+class DepthParams(nn.Module):
+    """What one depth owns: copies of the block's non-Linear parameters and LoRA A/B per shared
+    Linear. Attribute names are the block paths with '.' -> '__' (``norm__weight``,
+    ``in_proj__lora_A``)."""
+
+    def __init__(self, block: nn.Module, rc: RecursiveConfig):
+        super().__init__()
+        self.rank, self.scale = rc.lora_rank, 0.0
+        self.own = own_paths(block)
+        params = dict(block.named_parameters())
+        for p in self.own:
+            self.register_parameter(_key(p), nn.Parameter(params[p].detach().clone()))
+        self.lora: list[tuple[str, int]] = []  # (linear path, rank)
+        for lp in linear_paths(block) if rc.lora_rank > 0 else []:
+            lin = block.get_submodule(lp)
+            r = lora_rank_of(lin, rc.lora_rank)
+            self.lora.append((lp, r))
+            a = torch.empty(r, lin.in_features, dtype=lin.weight.dtype, device=lin.weight.device)
+            nn.init.normal_(a, 0.0, 1.0 / math.sqrt(lin.in_features))
+            self.register_parameter(_key(lp) + "__lora_A", nn.Parameter(a))
+            self.register_parameter(_key(lp) + "__lora_B", nn.Parameter(
+                torch.zeros(lin.out_features, r, dtype=lin.weight.dtype, device=lin.weight.device)))
+        if rc.lora_rank > 0:
+            self.scale = (rc.lora_alpha or rc.lora_rank) / rc.lora_rank
+        self._cache: dict = {}
+
+    def lora_AB(self, lp: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, _key(lp) + "__lora_A"), getattr(self, _key(lp) + "__lora_B")
+
+    def merged(self, lp: str, w: torch.Tensor) -> torch.Tensor:
+        """W' + scale * B A (cached while gradients are off and nothing changed)."""
+        A, B = self.lora_AB(lp)
+        if torch.is_grad_enabled():
+            return torch.addmm(w, B, A, alpha=self.scale)
+        tag = (w._version, A._version, B._version, w.data_ptr(), A.data_ptr(), B.data_ptr(), w.dtype)
+        hit = self._cache.get(lp)
+        if hit is None or hit[0] != tag:
+            hit = (tag, torch.addmm(w, B, A, alpha=self.scale))
+            self._cache[lp] = hit
+        return hit[1]
+
+    def tp_plan(self, block_plan: dict[str, str], prefix: str) -> dict[str, str]:
+        """Plan entries for this depth's 2-D parameters: own copies take the block's kind; LoRA
+        follows its base: column base -> A replicate, B column; row base -> A row, B replicate."""
+        def kind(path):
+            hits = [v for k, v in block_plan.items() if re.fullmatch(k, path)]
+            return hits[0] if hits else None
+
+        plan = {}
+        for p in self.own:
+            if getattr(self, _key(p)).dim() == 2 and kind(p):
+                plan[prefix + re.escape(_key(p))] = kind(p)
+        for lp, _ in self.lora:
+            base = kind(f"{lp}.weight") or "replicate"
+            a, b = {"column": ("replicate", "column"), "row": ("row", "replicate")}.get(base, ("replicate",) * 2)
+            plan[prefix + re.escape(_key(lp) + "__lora_A")] = a
+            plan[prefix + re.escape(_key(lp) + "__lora_B")] = b
+        return plan
+
+
+def strip_own(block: nn.Module) -> None:
+    """Leave only the Linear weights in a shared block; the other slots are filled per depth."""
+    for p in own_paths(block):
+        mod_path, _, name = p.rpartition(".")
+        mod = block.get_submodule(mod_path) if mod_path else block
+        mod._parameters[name] = None
+
+
+@contextlib.contextmanager
+def use_depth(block: nn.Module, depth: DepthParams):
+    """Run ``block`` as depth ``depth``: its parameter slots hold that depth's tensors."""
+    saved = []
+    try:
+        for p in depth.own:
+            mod_path, _, name = p.rpartition(".")
+            mod = block.get_submodule(mod_path) if mod_path else block
+            saved.append((mod, name, mod._parameters[name]))
+            mod._parameters[name] = getattr(depth, _key(p))
+        for lp, _ in depth.lora:
+            mod = block.get_submodule(lp)
+            w = mod._parameters["weight"]
+            saved.append((mod, "weight", w))
+            mod._parameters["weight"] = depth.merged(lp, w)
+        yield block
+    finally:
+        for mod, name, t in reversed(saved):
+            mod._parameters[name] = t
+
+
+def share_blocks(blocks: list[nn.Module], rc: RecursiveConfig):
+    """Unshared blocks (one per layer, already initialised) -> (K shared blocks, per-depth params).
+    Depth l keeps block l's own parameters; the shared Linear weights are block k's (k < K)."""
+    K = rc.groups
+    depths = nn.ModuleList(DepthParams(b, rc) for b in blocks)
+    shared = nn.ModuleList(blocks[:K])
+    for b in shared:
+        strip_own(b)
+    return shared, depths
+
+
+# --------------------------------------------------------------------------------------
+# conversion
+
+
+@torch.no_grad()
+def fill_from_unshared(stack, old_blocks: list[nn.Module], init: str = "average") -> None:
+    """Set a recursive stack's shared weights and per-depth parameters from unshared blocks:
+    W' = average (or first) of the tied weights, B_l A_l = truncated SVD of W_l - W' (fp64)."""
+    K, n = stack.groups, len(old_blocks)
+    for k in range(K):
+        shared = stack.blocks[k]
+        tied = list(range(k, n, K))
+        for lp in linear_paths(shared):
+            lin = shared.get_submodule(lp)
+            ws = [old_blocks[l].get_submodule(lp).weight.double() for l in tied]
+            wp = torch.stack(ws).mean(0) if init == "average" else ws[0]
+            lin.weight.copy_(wp)
+            for l, w in zip(tied, ws):
+                d = stack.depths[l]
+                if not d.lora:
+                    continue
+                A, B = d.lora_AB(lp)
+                r = A.shape[0]
+                U, S, Vh = torch.linalg.svd(w - wp, full_matrices=False)
+                s = (S[:r] / d.scale).sqrt()
+                B.copy_(U[:, :r] * s)
+                A.copy_(s[:, None] * Vh[:r])
+    for l, old in enumerate(old_blocks):
+        params = dict(old.named_parameters())
+        for p in stack.depths[l].own:
+            getattr(stack.depths[l], _key(p)).copy_(params[p])
+
+
+def convert_model(model: nn.Module, cfg, groups: int, rank: int, init: str = "average",
+                  alpha: Optional[float] = None):
+    """An unshared model (LM or HMT) and its RunConfig -> (recursive model, new RunConfig)."""
+    from seqlm.model import build_model
+
+    if cfg.model.recursive is not None:
+        raise ValueError("--checkpoint: the model is already recursive (model.recursive is set)")
+    data = cfg.model_dump(mode="json")
+    data["model"]["recursive"] = {"groups": groups, "lora_rank": rank, "lora_alpha": alpha, "init": init}
+    new_cfg = parse_config(data, "<converted config>")
+    new = build_model(new_cfg, model.vocab_size).to(next(model.parameters()).dtype)
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("stack.blocks.")}
+    missing, unexpected = new.load_state_dict(sd, strict=False)
+    left = [k for k in missing if not k.startswith(("stack.blocks.", "stack.depths."))]
+    if left or unexpected:  # pragma: no cover - the two models share everything outside the blocks
+        raise ValueError(f"conversion: unmatched parameters {left + list(unexpected)}")
+    fill_from_unshared(new.stack, list(model.stack.blocks), init)
+    return new, new_cfg
+
+
+def convert_checkpoint(checkpoint, out, groups: int, rank: int, init: str = "average",
+                       alpha: Optional[float] = None) -> dict:
+    """``seqlm convert recursive``: load, convert, print parameter counts, save to ``out``."""
+    from seqlm.train.checkpoint import load_model, read_meta, save_checkpoint
+
+    if groups <= 0:
+        raise ValueError(f"--groups: must be > 0, got {groups}")
+    if rank < 0:
+        raise ValueError(f"--rank: must be >= 0, got {rank}")
+    model, cfg, tok = load_model(checkpoint)
+    new, new_cfg = convert_model(model, cfg, groups, rank, init, alpha)
+    before, after = model.num_params(), new.num_params()
+    stack_before = sum(p.numel() for p in model.stack.parameters())
+    stack_after = sum(p.numel() for p in new.stack.parameters())
+    print(f"parameters before: {before:,} (stack {stack_before:,})")
+    print(f"parameters after:  {after:,} (stack {stack_after:,}; {groups} shared blocks, LoRA rank {rank}) "
+          f"= {100 * after / before:.1f}%")
+    meta = {"converted_from": str(Path(checkpoint)), "conversion": "recursive",
+            "source_step": read_meta(checkpoint).get("step")}
+    path = save_checkpoint(out, new, new_cfg, tok, meta=meta)
+    print(f"wrote {path}")
+    return {"params_before": before, "params_after": after, "checkpoint": str(path)}
