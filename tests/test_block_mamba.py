@@ -86,7 +86,7 @@ def test_config_errors_name_the_field(field, value, needle):
 
 def test_pattern_char_and_tiny_lm_learns():
     cfg = parse_config({"model": {"d_model": 32, "pattern": "M-M-", "vocab_size": 16,
-                                  "block_defaults": {"mamba": {"d_state": 8, "chunk_size": 8}}}})
+                                  "block_defaults": {"mamba": {"d_state": 8, "chunk_size": 64}}}})
     assert [l.type for l in cfg.model.layers] == ["mamba", "mlp", "mamba", "mlp"]
     torch.manual_seed(0)
     model = LM(cfg.model)
