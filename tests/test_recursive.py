@@ -57,8 +57,7 @@ def test_config_validates_and_round_trips(tmp_path):
 
 
 # -- conversion ------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("init", ["average", "first"])
+@pytest.mark.parametrize("name,init", [(n, "average") for n in NAMES] + [("mamba2", "first"), ("attention", "first")])
 def test_full_rank_conversion_reproduces_logits(name, init):
     model, cfg = build(name)
     x = torch.randint(0, V, (B, T))
@@ -197,6 +196,11 @@ def test_cli_converts_a_trained_checkpoint(tmp_path, capsys):
         got, _ = conv(x)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)  # fp32, full rank
     assert json.loads((out / "meta.json").read_text())["converted_from"] == ck
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "pack my", "--max-new-tokens", "8",
+                 "--temperature", "0", "--quiet"]) == 0  # the cached step path of a converted model
+    want = orig.generate(torch.tensor(tok.encode("pack my")), 8, temperature=0.0)
+    assert capsys.readouterr().out.rstrip("\n") == tok.decode(want.tolist())
     # rank 0: fewer parameters than the original, and a different (approximate) function
     assert main(["convert", "recursive", "--checkpoint", ck, "--groups", "1", "--rank", "0",
                  "--out", str(tmp_path / "r0")]) == 2  # layers 0 and 1 differ: one group cannot tie them
