@@ -238,6 +238,10 @@ def test_recursive_ladder_mamba2_inside_hmt_from_one_yaml(tmp_path):
     torch.manual_seed(0)
     model = build_model(cfg, V)
     assert isinstance(model, HMT) and model.stack.ladder and len(model.stack.blocks) == 2
+    plan = model.tp_plan()  # the registry-wide tp_plan check over the composed model
+    for n, p in model.named_parameters():
+        if p.dim() == 2 and n.startswith(("stack.", "memory.")):
+            assert len([k for k in plan if re.fullmatch(k, n)]) == 1, n
     x = torch.randint(0, V, (2, 6 * 3 + 2))
     opt = make_optimizer(model, cfg.train)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
