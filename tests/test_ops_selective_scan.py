@@ -39,12 +39,16 @@ def test_matches_reference_with_grads(dtype, tol, chunk):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"grad {name}: {m}")
 
 
-def test_optional_arguments_and_no_softplus():
-    u, delta, A, B, C, *_ = inputs()
-    y, h = selective_scan(u, delta.exp(), A, B, C, delta_softplus=False, chunk=4)
-    yr, hr = selective_scan_ref(u, delta.exp(), A, B, C, delta_softplus=False)
-    torch.testing.assert_close(y, yr)
-    torch.testing.assert_close(h, hr)
+@pytest.mark.parametrize("softplus", [True, False])
+def test_optional_arguments_with_grads(softplus):
+    u, delta, A, B, C, *_ = (t.requires_grad_() for t in inputs())
+    outs = []
+    for fn in (selective_scan, selective_scan_ref):
+        y, h = fn(u, delta.exp(), A, B, C, delta_softplus=softplus, chunk=4)
+        g = torch.autograd.grad((y * y.detach().cos()).sum() + h.sum(), [u, delta, A, B, C])
+        outs.append((y, h, *g))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
 
 
 def test_gradcheck_tiny():

@@ -60,11 +60,18 @@ def _chunk_inputs(u, delta, A2, B):
     return dA, dBu
 
 
+def _delta(raw, bias, softplus: bool):
+    d = raw if bias is None else raw + bias
+    return F.softplus(d) if softplus else d
+
+
 class _ScanFn(torch.autograd.Function):
-    """Inner layout is time-major: u, delta (L, b, Dm), B, C (L, b, N), h0 (b, Dm, N)."""
+    """The whole selective scan incl. delta bias/softplus, D skip and SiLU(z) gate, so that
+    only its inputs are saved (the per-chunk pieces are recomputed in backward).
+    Inner layout is time-major: u, delta (raw), z (L, b, Dm), B, C (L, b, N), h0 (b, Dm, N)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, h0, Q: int):
+    def forward(ctx, u, delta, A, B, C, h0, D, z, bias, softplus: bool, Q: int):
         L, b, Dm = u.shape
         starts = list(range(0, L, Q))
         H = u.new_empty(len(starts), b, Dm, A.shape[1])       # state at each chunk start
@@ -74,22 +81,31 @@ class _ScanFn(torch.autograd.Function):
         for i, s in enumerate(starts):
             e = min(s + Q, L)
             H[i] = h
-            dA, dBu = _chunk_inputs(u[s:e], delta[s:e], A2, B[s:e])
+            uc = u[s:e]
+            dA, dBu = _chunk_inputs(uc, _delta(delta[s:e], bias, softplus), A2, B[s:e])
             hs = _chunk_states(dA, dBu, h)                     # (q, b, Dm, N)
-            y[s:e] = torch.einsum("qbdn,qbn->qbd", hs, C[s:e])
+            yc = torch.einsum("qbdn,qbn->qbd", hs, C[s:e])
+            if D is not None:
+                yc.addcmul_(uc, D)
+            if z is not None:
+                yc.mul_(F.silu(z[s:e]))
+            y[s:e] = yc
             h = hs[-1].clone()
-        ctx.save_for_backward(u, delta, A, B, C, H)
-        ctx.Q = Q
+        ctx.save_for_backward(u, delta, A, B, C, H, D, z, bias)
+        ctx.Q, ctx.softplus = Q, softplus
         return y, h
 
     @staticmethod
     def backward(ctx, gy, gh_last):
-        u, delta, A, B, C, H = ctx.saved_tensors
-        Q = ctx.Q
+        u, delta, A, B, C, H, D, z, bias = ctx.saved_tensors
+        Q, softplus = ctx.Q, ctx.softplus
         L, b, Dm = u.shape
         gu, gdelta = torch.empty_like(u), torch.empty_like(delta)
         gB, gC = torch.empty_like(B), torch.empty_like(C)
         gA = torch.zeros_like(A)
+        gD = None if D is None else torch.zeros_like(D)
+        gz = None if z is None else torch.empty_like(z)
+        gbias = None if bias is None else torch.zeros_like(bias)
         if gy is None:
             gy = torch.zeros_like(u)
         A2 = A * LOG2E
@@ -97,9 +113,20 @@ class _ScanFn(torch.autograd.Function):
         for i in range(len(H) - 1, -1, -1):
             s = i * Q
             e = min(s + Q, L)
-            uc, dc, Bc, Cc, gyc = u[s:e], delta[s:e], B[s:e], C[s:e], gy[s:e]
+            uc, Bc, Cc, gyc = u[s:e], B[s:e], C[s:e], gy[s:e]
+            dc = _delta(delta[s:e], bias, softplus)
             dA, dBu = _chunk_inputs(uc, dc, A2, Bc)
             hs = _chunk_states(dA, dBu, H[i])
+            if z is not None:  # out = y * silu(z), y = C.h + D u
+                zc = z[s:e]
+                sig = torch.sigmoid(zc)
+                yc = torch.einsum("qbdn,qbn->qbd", hs, Cc)
+                if D is not None:
+                    yc.addcmul_(uc, D)
+                gz[s:e] = gyc * yc * sig * (1 + zc * (1 - sig))
+                gyc = gyc * zc * sig
+            if D is not None:
+                gD += (gyc * uc).sum((0, 1))
             # gC_t[n] = sum_d gy_t[d] h_t[d, n]
             torch.matmul(gyc[:, :, None, :], hs, out=gC[s:e, :, None, :])
             # adjoint recurrence, in place over C gy: g_t = C_t gy_t + dA_{t+1} g_{t+1}
@@ -117,8 +144,15 @@ class _ScanFn(torch.autograd.Function):
             gdu = torch.einsum("qbdn,qbn->qbd", gh, Bc)         # (q, b, Dm)
             torch.matmul((dc * uc)[:, :, None, :], gh, out=gB[s:e, :, None, :])
             torch.mul(gdu, dc, out=gu[s:e])
-            torch.addcmul(gdel, gdu, uc, out=gdelta[s:e])
-        return gu, gdelta, gA, gB, gC, g, None
+            if D is not None:
+                gu[s:e].addcmul_(gyc, D)
+            gdel.addcmul_(gdu, uc)
+            if softplus:  # softplus' = sigmoid
+                gdel.mul_(torch.sigmoid(delta[s:e] if bias is None else delta[s:e] + bias))
+            gdelta[s:e] = gdel
+            if bias is not None:
+                gbias += gdel.sum((0, 1))
+        return gu, gdelta, gA, gB, gC, g, gD, gz, gbias, None, None
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
@@ -138,20 +172,14 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                           C.transpose(1, 2), D, None if z is None else z.transpose(1, 2),
                           delta_bias, delta_softplus, return_last_state=True)
         return y.transpose(1, 2), h_last
-    if delta_bias is not None:
-        delta = delta + delta_bias
-    if delta_softplus:
-        delta = F.softplus(delta)
     work = torch.float64 if u.dtype == torch.float64 else torch.float32
     tm = lambda t: t.transpose(0, 1).to(work).contiguous()  # noqa: E731  (b, L, .) -> (L, b, .)
     if h0 is None:
         h0 = u.new_zeros(b, Dm, N, dtype=work)
-    yT, h_last = _ScanFn.apply(tm(u), tm(delta), A.to(work), tm(B), tm(C), h0.to(work), chunk)
+    opt = lambda t: None if t is None else t.to(work)  # noqa: E731
+    yT, h_last = _ScanFn.apply(tm(u), tm(delta), A.to(work), tm(B), tm(C), h0.to(work), opt(D),
+                               None if z is None else tm(z), opt(delta_bias), delta_softplus, chunk)
     y = yT.transpose(0, 1).to(u.dtype)
-    if D is not None:
-        y = y + u * D
-    if z is not None:
-        y = y * F.silu(z)
     return y, h_last.to(u.dtype)
 
 
