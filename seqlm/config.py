@@ -254,6 +254,11 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
     threads: Optional[int] = Field(None, gt=0, description="torch CPU threads; null keeps torch's default.")
     out_dir: str = Field("runs/default", description="Checkpoints, logs, plots.")
+    init_from: Optional[str] = Field(
+        None, description="Start a fresh run (step 0, new optimizer and schedule) from this checkpoint's "
+        "weights and tokenizer, e.g. to fine-tune a `seqlm convert recursive` output. The model section "
+        "must describe the same network (use the checkpoint's config.yaml). Not for resuming: see --resume."
+    )
     log_every: int = Field(10, gt=0, description="Steps between JSONL/TensorBoard train logs.")
     checkpoint_every: int = Field(0, ge=0, description="Steps between checkpoints; 0: only at the end.")
     progress: bool = Field(True, description="Show a tqdm progress bar.")

@@ -107,3 +107,23 @@ def test_train_cli(tmp_path, capsys):
     assert "validation loss:" in out and "perplexity:" in out and "sample" in out
     assert main(["train", "--config", str(tmp_path / "c.yaml"), "train.lr=-1"]) == 2
     assert "train.lr" in capsys.readouterr().err
+
+
+def test_init_from_starts_a_fresh_run_from_trained_weights(tmp_path):
+    from seqlm.train.checkpoint import CheckpointError
+
+    first = train(tiny_cfg(tmp_path, "a", max_steps=4))
+    w0 = load_file(str(Path(first["checkpoint"]) / "model.safetensors"))
+    cfg = tiny_cfg(tmp_path, "b", max_steps=1, lr=1e-12, warmup_steps=0, weight_decay=0.0)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"init_from": first["checkpoint"]})})
+    second = train(cfg)
+    assert second["step"] == 1  # a fresh schedule, not a resume
+    w1 = load_file(str(Path(second["checkpoint"]) / "model.safetensors"))
+    for k in w0:
+        torch.testing.assert_close(w1[k], w0[k], rtol=0, atol=1e-8)
+    fresh = train(tiny_cfg(tmp_path, "c", max_steps=1, lr=1e-12, warmup_steps=0, weight_decay=0.0))
+    wf = load_file(str(Path(fresh["checkpoint"]) / "model.safetensors"))
+    assert not torch.allclose(wf["embed.weight"], w0["embed.weight"])  # init_from really mattered
+    bad = cfg.model_copy(update={"train": cfg.train.model_copy(update={"init_from": str(tmp_path / "nope")})})
+    with pytest.raises(CheckpointError, match="train.init_from"):
+        train(bad)

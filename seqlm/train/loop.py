@@ -72,6 +72,11 @@ def _prepare(cfg: RunConfig, resume):
         if not (ckpt / "model.safetensors").exists():
             raise CheckpointError(f"--resume: no checkpoint at {str(ckpt)!r}")
         tok = load_tokenizer(ckpt / "tokenizer")
+    elif cfg.train.init_from:
+        src = Path(cfg.train.init_from)  # fine-tuning: the checkpoint's tokenizer, ids unchanged
+        if not (src / "tokenizer").exists() or not (src / "model.safetensors").exists():
+            raise CheckpointError(f"train.init_from: no checkpoint at {str(src)!r}")
+        tok = load_tokenizer(src / "tokenizer")
     elif getattr(cfg, "memory", None) is not None and cfg.memory.init_from:
         src = Path(cfg.memory.init_from)  # HMT stage 2: keep the stage-1 checkpoint's tokenizer
         if not (src / "tokenizer").exists():
@@ -111,6 +116,9 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
         if torch.cuda.is_available() and st.get("cuda_rng") is not None:
             torch.cuda.set_rng_state_all(st["cuda_rng"])
         step = st["step"]
+    elif tc.init_from:  # fresh run from trained weights (fine-tuning, converted checkpoints)
+        load_weights(model, tc.init_from)
+        print(f"initialised from {tc.init_from}")
     else:  # fresh run: HMT stage 2 starts from a stage-1 (or plain LM) checkpoint (memory.init_from)
         from seqlm.memory import maybe_init_from
 
