@@ -17,7 +17,7 @@ counts are within a few percent (both are reported).
    position, SSM: random state; the step's work does not depend on the values), then the
    median time of ``--sweep-steps`` single steps. Flat for the SSM, growing for attention.
 
-Prints one JSON object and writes bench/results/decode.json and docs/img/decode.png.
+One intra-op thread by default (``--threads``). Prints one JSON object and writes bench/results/decode.json and docs/img/decode.png.
 
     python bench/decode.py            # prompt 8k, 256 new tokens, contexts 1k..16k
     python bench/decode.py --quick    # prompt 1k, 32 new tokens, contexts 256..2k
@@ -45,7 +45,7 @@ VOCAB = 256
 def build(kind: str, d_model: int, n_layers: int) -> LM:
     if kind == "mamba2":
         cfg = ModelConfig(vocab_size=VOCAB, d_model=d_model, pattern="2", n_layers=n_layers,
-                          block_defaults={"mamba2": {"d_state": 64, "head_dim": 64, "chunk_size": 256}})
+                          block_defaults={"mamba2": {"d_state": 64, "head_dim": 64}})
     else:
         cfg = ModelConfig(vocab_size=VOCAB, d_model=d_model, pattern="*-", n_layers=2 * n_layers,
                           block_defaults={"attention": {"n_heads": d_model // 64}, "mlp": {"kind": "gelu"}})
@@ -176,7 +176,9 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", type=str, default=None,
                     help="comma list for the sweep (default 1k,2k,4k,8k,16k; quick 256,1k,2k)")
     ap.add_argument("--sweep-steps", type=int, default=None, help="timed steps per context (default 16; quick 8)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads (1: decode ops are tiny; with 2 on a busy 2-core box each "
+                    "op waits on its OpenMP team and step times grow ~10x)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "decode.json")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "decode.png")
     a = ap.parse_args(argv)

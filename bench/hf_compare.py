@@ -12,9 +12,14 @@ block vs ``Mamba2Mixer``):
    passes alternating between the two modules so machine noise hits both alike.
 
 Without CUDA kernels installed (mamba-ssm, causal-conv1d, or the ``kernels`` hub package)
-HF's mixers run their torch fallbacks: for Mamba-1 a Python loop over the L tokens, for
-Mamba-2 the chunked SSD written with einsums (``mamba2_chunk_scan``'s fallback). The target
-is seqlm >= 3x faster forward+backward.
+HF's mixers run their torch fallbacks. Mamba-2: the chunked SSD written with einsums
+(``mamba2_chunk_scan``'s fallback), compared at the same chunk size (256, HF's default) and,
+as a second row, with seqlm at its own default chunk (64; same function, checked).
+Mamba-1: with ``use_mambapy=True`` (pip ``mambapy``, a pure-PyTorch parallel scan) at the
+full length; HF's default fallback, a Python loop over the tokens whose backward is
+quadratic in L, only at ``--seq-L`` (256). Each row also times the block's nn.Linear layers
+alone (the same dense matmuls in both implementations) and reports the speedup on the rest.
+The target is seqlm >= 3x faster forward+backward.
 
 Prints one JSON object and writes bench/results/hf_compare.json.
 
@@ -51,7 +56,7 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
     dst.copy_(src)
 
 
-def mamba2_pair(d_state: int, chunk: int):
+def mamba2_pair(d_state: int, chunk: int, hf_chunk: int | None = None):
     from transformers import Mamba2Config as HFConfig
     from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
@@ -63,7 +68,7 @@ def mamba2_pair(d_state: int, chunk: int):
     hf_cfg = HFConfig(
         vocab_size=16, hidden_size=D_MODEL, num_hidden_layers=1, state_size=cfg.d_state,
         expand=cfg.expand, conv_kernel=cfg.d_conv, head_dim=cfg.head_dim,
-        num_heads=d_inner // cfg.head_dim, n_groups=cfg.ngroups, chunk_size=cfg.chunk_size,
+        num_heads=d_inner // cfg.head_dim, n_groups=cfg.ngroups, chunk_size=hf_chunk or cfg.chunk_size,
         use_bias=cfg.bias, use_conv_bias=cfg.conv_bias, hidden_act="silu",
         layer_norm_epsilon=cfg.norm_eps,
         # seqlm applies no clamp to dt after softplus; HF's default (0, inf) is a no-op clamp
@@ -81,7 +86,7 @@ def mamba2_pair(d_state: int, chunk: int):
         _copy(hf.out_proj.weight, ours.out_proj.weight, "out_proj.weight")
     meta = {"d_model": D_MODEL, "d_state": cfg.d_state, "expand": cfg.expand, "d_conv": cfg.d_conv,
             "head_dim": cfg.head_dim, "heads": d_inner // cfg.head_dim, "ngroups": cfg.ngroups,
-            "chunk_size": cfg.chunk_size}
+            "chunk_size": cfg.chunk_size, "chunk_size_hf": hf_cfg.chunk_size}
     return ours, hf, meta
 
 
@@ -151,11 +156,14 @@ def compare(name: str, build, L: int, warmup: int, repeats: int) -> dict:
     ours.zero_grad(set_to_none=True), hf.zero_grad(set_to_none=True)
 
     # 2. forward+backward time, interleaved
+    cpu = {id(ours): [], id(hf): []}  # process CPU time per pass (less sensitive to a busy machine)
+
     def fb(mod, is_hf):
         xi = x.clone().requires_grad_()
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         (_run(mod, xi, is_hf) * g).sum().backward()
         dt = time.perf_counter() - t0
+        cpu[id(mod)].append(time.process_time() - c0)
         mod.zero_grad(set_to_none=True)
         return dt
 
@@ -177,6 +185,7 @@ def compare(name: str, build, L: int, warmup: int, repeats: int) -> dict:
     for _ in range(warmup):
         fb(ours, False), fb(hf, True), proj()
     t_ours, t_hf, t_proj = [], [], []
+    cpu[id(ours)].clear(), cpu[id(hf)].clear()
     for _ in range(repeats):
         t_ours.append(fb(ours, False))
         t_hf.append(fb(hf, True))
@@ -189,6 +198,8 @@ def compare(name: str, build, L: int, warmup: int, repeats: int) -> dict:
         "max_abs_grad_x": xh.grad.abs().max().item(), "max_abs_diff_grad_params": pdiff,
         "match": diff <= TOL and gdiff <= TOL,
         "fwd_bwd_s_seqlm": mo, "fwd_bwd_s_hf": mh, "speedup": mh / mo,
+        "cpu_s_seqlm": statistics.median(cpu[id(ours)]), "cpu_s_hf": statistics.median(cpu[id(hf)]),
+        "speedup_cpu_time": statistics.median(cpu[id(hf)]) / statistics.median(cpu[id(ours)]),
         "linear_layers_fwd_bwd_s": mp,
         "speedup_excluding_linear_layers": (mh - mp) / max(mo - mp, 1e-9),
         "times_seqlm": t_ours, "times_hf": t_hf,
@@ -203,6 +214,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--chunk", type=int, default=256, help="SSD / scan chunk size for both")
+    ap.add_argument("--seqlm-chunk", type=int, default=64,
+                    help="extra Mamba-2 row: seqlm at this chunk (its default) vs HF at --chunk; 0 = off")
     ap.add_argument("--mamba2-d-state", type=int, default=64)
     ap.add_argument("--mamba-d-state", type=int, default=16)
     ap.add_argument("--seq-L", type=int, default=256,
@@ -223,8 +236,14 @@ def main(argv=None) -> int:
 
     # (key, seqlm module, builder, L, repeats)
     pairs = [("mamba2", "mamba2", lambda: mamba2_pair(a.mamba2_d_state, a.chunk), L, repeats)]
+    if a.seqlm_chunk and a.seqlm_chunk != a.chunk:
+        # each at its default chunk (seqlm 64, HF 256): the chunk size does not change the
+        # function (the equality check covers it), only the split of work on CPU
+        pairs.append((f"mamba2_seqlm_chunk{a.seqlm_chunk}", "mamba2",
+                      lambda: mamba2_pair(a.mamba2_d_state, a.seqlm_chunk, a.chunk), L, repeats))
     if is_mambapy_available():
-        pairs.append(("mamba", "mamba", lambda: mamba_pair(a.mamba_d_state, a.chunk, True), L, repeats))
+        pairs.append(("mamba", "mamba", lambda: mamba_pair(a.mamba_d_state, a.chunk, True), L,
+                      min(repeats, 3)))
     else:
         res["results"]["mamba"] = {"block": "mamba", "status": "HF mambapy path not available "
                                    "(pip install mambapy); only the sequential comparison ran"}
