@@ -108,3 +108,128 @@ def test_attention_learns_mqar():
     wall = time.perf_counter() - t0
     print(json.dumps({"accuracy": r["accuracy"], "steps": r["steps"], "wall_s": round(wall, 1)}))
     assert r["accuracy"] >= 0.9, r["trace"]
+
+
+# ----------------------------------------------------------------------------- text tasks
+@pytest.fixture(scope="module")
+def byte_tok():
+    from seqlm.data.tokenizers import ByteTokenizer
+
+    return ByteTokenizer()
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 1.0])
+def test_passkey_depth_and_length(byte_tok, depth):
+    from seqlm.eval.tasks.passkey import QUESTION, make_passkey, needle_sentence
+
+    ex = make_passkey(byte_tok, 600, depth, seed=5)
+    key = ex.meta["key"]
+    assert len(key) == 5 and key.isdigit() and key[0] != "0"
+    assert ex.prompt.endswith(QUESTION) and ex.answer == " " + key
+    n = len(byte_tok.encode(ex.prompt))
+    assert abs(n - 600) <= 20  # within one filler sentence of the target
+    at = ex.prompt.index(needle_sentence(key))
+    body = len(ex.prompt) - len(QUESTION) - len(needle_sentence(key))
+    assert abs(at / body - depth) <= 0.08  # inserted at the requested depth (sentence granularity)
+    assert ex.meta["insert_sentence"] == round(depth * ex.meta["n_filler"])
+
+
+def test_passkey_seeded_and_scoring(byte_tok):
+    from seqlm.eval.tasks.passkey import make_passkey, passkey_correct
+
+    a, b, c = (make_passkey(byte_tok, 300, 0.5, s) for s in (1, 1, 2))
+    assert a.prompt == b.prompt and a.prompt != c.prompt
+    k = a.meta["key"]
+    assert passkey_correct(f" {k}. Remember", a)
+    assert not passkey_correct(" 11111", a) or k == "11111"
+    assert not passkey_correct(" no number", a)
+    with pytest.raises(ValueError, match="depth"):
+        make_passkey(byte_tok, 300, 1.5)
+
+
+def test_passkey_char_tokenizer_without_digits_errors():
+    from seqlm.data.tokenizers import CharTokenizer
+    from seqlm.eval.tasks.passkey import make_passkey
+
+    tok = CharTokenizer.fit(["The grass is green. sky blue sun yellow Here we go There and back again "
+                             "What pass key? Remember it. abcde"])
+    with pytest.raises(ValueError, match="cannot encode"):
+        make_passkey(tok, 200, 0.5)
+    ex = make_passkey(tok, 200, 0.5, key_chars="abcde")  # a key alphabet the tokenizer has
+    assert set(ex.meta["key"]) <= set("abcde")
+
+
+def test_needle_layout(byte_tok):
+    from seqlm.eval.tasks.needle import QUESTION, load_haystack, make_needle, needle_correct
+
+    lines = load_haystack()
+    ex = make_needle(byte_tok, lines, 500, 0.5, seed=3)
+    needle = f"The secret word is {ex.meta['word']}.\n"
+    assert ex.prompt.count(needle) == 1 and ex.prompt.endswith(QUESTION)
+    assert len(byte_tok.encode(ex.prompt)) <= 500
+    hay = ex.prompt[:-len(QUESTION)].replace(needle, "")
+    assert hay in "".join(lines * 2)  # the haystack is a contiguous window of the real text
+    pre = ex.prompt.index(needle)
+    assert abs(pre / len(hay) - 0.5) < 0.25
+    assert ex.prompt[:pre] == "" or ex.prompt[pre - 1] == "\n"  # at a line boundary
+    assert needle_correct(" " + ex.meta["word"] + ".", ex) and not needle_correct(" nothing", ex)
+    assert make_needle(byte_tok, lines, 500, 0.5, seed=3).prompt == ex.prompt
+    with pytest.raises(FileNotFoundError, match="haystack"):
+        load_haystack("no/such/file.txt")
+
+
+def test_phonebook_layout(byte_tok):
+    from seqlm.eval.tasks.phonebook import make_phonebook, phonebook_correct
+
+    ex = make_phonebook(12, seed=4)
+    lines = ex.prompt.split("\n")
+    assert len(lines) == 13 and lines[-1] == ex.meta["name"] + ":"
+    book = dict(ln.split(": ") for ln in lines[:-1])
+    assert len(book) == 12 and book[ex.meta["name"]] == ex.meta["number"]
+    assert ex.answer == " " + ex.meta["number"]
+    assert phonebook_correct(" " + ex.meta["number"] + "\n", ex) and not phonebook_correct(" 000-0000", ex)
+    assert make_phonebook(12, seed=4).prompt == ex.prompt
+
+
+def test_text_dataset_labels(byte_tok):
+    from seqlm.eval.tasks.common import TextExample, encode_examples
+    from seqlm.eval.tasks.phonebook import phonebook_dataset
+
+    x, y = encode_examples(byte_tok, [TextExample("ab", "cd"), TextExample("abcd", "e")])
+    assert x.shape == y.shape == (2, 4)
+    # next-token labels only on the answer: after "b" predict "c", after "c" predict "d"
+    assert y[0].tolist() == [-100, ord("c"), ord("d"), -100]
+    assert x[0, :3].tolist() == [ord("a"), ord("b"), ord("c")]
+    assert y[1].tolist() == [-100, -100, -100, ord("e")]
+    x, y = phonebook_dataset(byte_tok, 5, [4, 8], seed=0)
+    assert ((y != -100).sum(1) == 9).all()  # " ddd-dddd"
+    assert torch.equal(phonebook_dataset(byte_tok, 5, [4, 8], seed=0)[0], x)
+    with pytest.raises(ValueError, match="seq_len"):
+        phonebook_dataset(byte_tok, 2, [8], seq_len=10)
+
+
+def test_task_cli_on_checkpoint(tmp_path, byte_tok):
+    """seqlm eval passkey|needle|phonebook|mqar on a tiny checkpoint write JSON + PNG."""
+    from seqlm.cli import main
+    from seqlm.config import parse_config
+    from seqlm.model import build_model
+    from seqlm.train.checkpoint import save_checkpoint
+
+    cfg = parse_config({"model": {"d_model": 32, "pattern": "*-", "block_defaults": {"attention": {"n_heads": 2}}},
+                        "data": {"tokenizer": {"type": "byte"}}})
+    torch.manual_seed(0)
+    model = build_model(cfg, byte_tok.vocab_size)
+    ck = save_checkpoint(tmp_path / "ck", model, cfg, byte_tok)
+    out = tmp_path / "ev"
+    for argv in (["passkey", "--lengths", "128,200", "--depths", "0,1", "--n", "1"],
+                 ["needle", "--lengths", "150", "--depths", "0.5", "--n", "1"],
+                 ["phonebook", "--sizes", "2,4", "--n", "1"],
+                 ["mqar", "--settings", "64,4", "--vocab-size", "256", "--num-examples", "8"]):
+        assert main(["eval", *argv, "--checkpoint", str(ck), "--out", str(out), "--device", "cpu"]) == 0
+        res = json.loads((out / f"{argv[0]}.json").read_text())
+        assert (out / f"{argv[0]}.png").stat().st_size > 0
+        acc = res["accuracy"]
+        flat = [v for r in acc for v in r] if acc and isinstance(acc[0], list) else acc
+        assert all(0.0 <= v <= 1.0 for v in flat)
+    assert json.loads((out / "passkey.json").read_text())["lengths"] == [128, 200]
+    assert main(["eval", "passkey", "--checkpoint", str(ck), "--depths", "2", "--out", str(out)]) == 2
