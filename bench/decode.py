@@ -15,7 +15,7 @@ counts are within a few percent (both are reported).
 2. Per-token decode time vs context length (1k .. 16k): the caches are set up as after a
    prompt of that length (attention: KV cache filled with random keys/values up to the
    position, SSM: random state; the step's work does not depend on the values), then the
-   median time of ``--sweep-steps`` single steps. Flat for the SSM, growing for attention.
+   median (and min) time of ``--sweep-steps`` single steps. Flat for the SSM, growing for attention.
 
 One intra-op thread by default (``--threads``). Prints one JSON object and writes bench/results/decode.json and docs/img/decode.png.
 
@@ -126,7 +126,7 @@ def step_time(model: LM, batch: int, ctx: int, steps: int) -> float:
         t0 = time.perf_counter()
         _, state = model.step(tok, state)
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return statistics.median(ts), min(ts)
 
 
 def plot(res: dict, path: Path) -> None:
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=str, default="1,16")
     ap.add_argument("--contexts", type=str, default=None,
                     help="comma list for the sweep (default 1k,2k,4k,8k,16k; quick 256,1k,2k)")
-    ap.add_argument("--sweep-steps", type=int, default=None, help="timed steps per context (default 16; quick 8)")
+    ap.add_argument("--sweep-steps", type=int, default=None, help="timed steps per context (default 32; quick 8)")
     ap.add_argument("--threads", type=int, default=1,
                     help="intra-op threads (1: decode ops are tiny; with 2 on a busy 2-core box each "
                     "op waits on its OpenMP team and step times grow ~10x)")
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     batches = [int(b) for b in a.batches.split(",")]
     contexts = [int(c) for c in a.contexts.split(",")] if a.contexts else (
         [256, 1024, 2048] if q else [1024, 2048, 4096, 8192, 16384])
-    steps = a.sweep_steps or (8 if q else 16)
+    steps = a.sweep_steps or (8 if q else 32)
     torch.set_num_threads(a.threads)
 
     models, layers = matched_models(a.d_model, a.attn_layers)
@@ -228,9 +228,9 @@ def main(argv=None) -> int:
     for b in batches:
         for ctx in contexts:
             for name, m in models.items():
-                t = step_time(m, b, ctx, steps)
+                t, tmin = step_time(m, b, ctx, steps)
                 sweep_rows.append({"model": name, "batch": b, "context": ctx, "ms_per_token_step": 1e3 * t,
-                                   "tokens_per_s": b / t})
+                                   "ms_per_token_step_min": 1e3 * tmin, "tokens_per_s": b / t})
                 print(f"[sweep] {name} batch {b} ctx {ctx}: {1e3 * t:.2f} ms/step", file=sys.stderr, flush=True)
     res["per_token_vs_context"] = {"contexts": contexts, "batches": batches, "steps": steps, "rows": sweep_rows}
     summ = {}
