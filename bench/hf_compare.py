@@ -21,6 +21,10 @@ quadratic in L, only at ``--seq-L`` (256). Each row also times the block's nn.Li
 alone (the same dense matmuls in both implementations) and reports the speedup on the rest.
 The target is seqlm >= 3x faster forward+backward.
 
+Threads: 2 by default. On a 2-core machine shared with another busy process, 2 threads
+make every op wait on its preempted OpenMP partner and the timings (and ratios) swing by up
+to 10x; use ``--threads 1`` there.
+
 Prints one JSON object and writes bench/results/hf_compare.json.
 
     python bench/hf_compare.py              # L = 4096, 2 threads
@@ -207,6 +211,50 @@ def compare(name: str, build, L: int, warmup: int, repeats: int) -> dict:
     }
 
 
+def profile_mamba2(d_state: int, chunk: int, L: int, top: int = 12) -> dict:
+    """Where one seqlm Mamba-2 forward+backward spends its time: self CPU time per aten op
+    (the in/out projections are the aten::mm rows) and per region of the forward."""
+    from torch.profiler import profile, record_function
+
+    import seqlm.blocks.mamba2 as m2
+
+    torch.manual_seed(0)
+    blk = m2.Mamba2(m2.Mamba2Config(d_state=d_state, d_conv=4, expand=2, head_dim=64, chunk_size=chunk),
+                    D_MODEL)
+    x, g = torch.randn(1, L, D_MODEL), torch.randn(1, L, D_MODEL)
+    orig = {n: getattr(m2, n) for n in ("causal_conv1d", "ssd_scan")}
+
+    def region(name, f):
+        def w(*args, **kw):
+            with record_function(f"forward:{name}"):
+                return f(*args, **kw)
+        return w
+
+    def fb():
+        xi = x.clone().requires_grad_()
+        (blk(xi)[0] * g).sum().backward()
+        blk.zero_grad(set_to_none=True)
+
+    fb()
+    try:
+        for n, f in orig.items():
+            setattr(m2, n, region(n, f))
+        with profile() as prof:
+            fb()
+    finally:
+        for n, f in orig.items():
+            setattr(m2, n, f)
+    ev = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ev)
+    ops = sorted((e for e in ev if e.key.startswith("aten::")), key=lambda e: -e.self_cpu_time_total)[:top]
+    return {
+        "chunk_size": chunk, "L": L, "total_self_cpu_ms": total / 1e3,
+        "top_ops": [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                     "share": e.self_cpu_time_total / total} for e in ops],
+        "forward_regions_ms": {e.key: e.cpu_time_total / 1e3 for e in ev if e.key.startswith("forward:")},
+    }
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="L = 1024, 1 warm-up, 3 repeats")
@@ -221,6 +269,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mamba-d-state", type=int, default=16)
     ap.add_argument("--seq-L", type=int, default=256,
                     help="length for the Mamba-1 comparison against HF's sequential fallback")
+    ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                    help="add a torch.profiler breakdown of one seqlm Mamba-2 forward+backward")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "hf_compare.json")
     a = ap.parse_args(argv)
     L = a.L or (1024 if a.quick else 4096)
@@ -268,6 +318,8 @@ def main(argv=None) -> int:
         print(f"[{name}] diff {r['max_abs_diff_y']:.2e} grad diff {r['max_abs_diff_grad_x']:.2e} "
               f"seqlm {r['fwd_bwd_s_seqlm']:.3f}s hf {r['fwd_bwd_s_hf']:.3f}s "
               f"speedup {r['speedup']:.2f}x", file=sys.stderr, flush=True)
+    if a.profile:
+        res["profile_seqlm_mamba2"] = profile_mamba2(a.mamba2_d_state, a.seqlm_chunk or a.chunk, L)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))
