@@ -6,7 +6,7 @@ phonebook), generation and the lm-eval-harness adapter.
 - :mod:`seqlm.eval.tasks` — seeded task generators (training data with -100 labels) and
   checkpoint evaluators writing JSON + PNG; :func:`seqlm.eval.tasks.train_task.train_on_task`
   trains fresh models on a task (Zoology's recipe).
-- :mod:`seqlm.eval.generation` — incremental decoding and generation with stop strings.
 - :mod:`seqlm.eval.lm_eval_adapter` — ``@register_model("seqlm")`` for lm-eval (optional extra).
-- :mod:`seqlm.eval.cli` — ``seqlm eval {ppl,mqar,passkey,needle,phonebook}`` and ``seqlm generate``.
+- :mod:`seqlm.eval.cli` — ``seqlm eval {ppl,mqar,passkey,needle,phonebook}``, ``seqlm generate``
+  (streaming, per-layer caches, tokens/s) and ``seqlm lm-eval`` (lm-eval's CLI with seqlm registered).
 """

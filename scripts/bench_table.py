@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Print the README's benchmark tables (markdown) from bench/results/*.json.
+
+    python scripts/bench_table.py            # paste the output into README.md
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+R = Path(__file__).resolve().parents[1] / "bench" / "results"
+
+
+def load(name):
+    p = R / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def main() -> None:
+    out = []
+    t = load("train_shakespeare")
+    if t:
+        s, p = t["seqlm"], t.get("plain_gpt", {})
+        out += ["**nanoGPT CPU recipe** (`bench/train_shakespeare.py`; 4 layers, d 128, block 64, batch 12, "
+                "2000 iters, char-level; 2 threads):", "",
+                "| run | val loss | train wall | tokens/s | % of fp32 matmul peak |", "|---|---|---|---|---|",
+                f"| nanoGPT (reference figure) | {t['nanogpt_reference']['val_loss']} | "
+                f"{t['nanogpt_reference']['wall_s']} s | | |"]
+        if p:
+            out.append(f"| plain PyTorch GPT, same shape | {p['val_loss']:.3f} | {p['wall_s']:.0f} s | "
+                       f"{p['tokens_per_s']:,.0f} | {100 * p['fraction_of_peak']:.0f}% |")
+        out.append(f"| seqlm `configs/attention.yaml` | {s['val_loss']:.3f} | {s['wall_s']:.0f} s | "
+                   f"{s['tokens_per_s']:,.0f} | {100 * s['fraction_of_peak']:.0f}% |")
+        out += ["", f"Interleaved timing (same batches, alternating): seqlm / plain = "
+                f"{t['speed_ratio_seqlm_over_plain']:.2f} (seqlm adds RoPE); matmul peak "
+                f"{t['matmul_peak_gflops']:.0f} GFLOP/s.", ""]
+    pr = load("presets")
+    if pr:
+        out += ["**Presets at the nanoGPT budget** (`bench/presets.py`; 2000 x 12 x 64 tokens, val loss on 200 "
+                "fixed validation batches; nanoGPT: 1.886 in 157 s):", "",
+                "| preset | pattern | params | val loss | train wall | tokens/s |", "|---|---|---|---|---|---|"]
+        for n, r in pr["presets"].items():
+            if "val_loss" in r:
+                out.append(f"| `{n}` | `{r['pattern']}` | {r['n_params'] / 1e6:.2f}M | {r['val_loss']:.3f} | "
+                           f"{r['wall_s']:.0f} s | {r['tokens_per_s']:,} |")
+        out.append("")
+    sc = load("scaling")
+    if sc:
+        out += ["**One layer vs sequence length** (`bench/scaling.py`; d_model 256, batch 1, forward+backward, "
+                f"{sc.get('threads', '?')} threads; peak memory = RSS growth in a fresh process):", ""]
+        rows = sc.get("blocks") or {}
+        Ls = sc.get("lengths") or []
+        if isinstance(rows, dict) and Ls:
+            out.append("| block | " + " | ".join(f"{L // 1024}k" for L in Ls) + " | t(32k)/t(1k) |")
+            out.append("|---" * (len(Ls) + 2) + "|")
+            for b, r in rows.items():
+                pts = {int(x["L"]): x for x in r.get("points", [])}
+                cells = [f"{pts[L]['time_s']:.2f} s, {pts[L]['peak_mem_mb']:.0f} MB" if L in pts and
+                         pts[L].get("time_s") is not None else "—" for L in Ls]
+                ratio = (pts[32768]["time_s"] / pts[1024]["time_s"]) if 32768 in pts and 1024 in pts else None
+                out.append(f"| {b} | " + " | ".join(cells) + f" | {ratio:.1f} |" if ratio else
+                           f"| {b} | " + " | ".join(cells) + " | — |")
+            out.append("")
+    hf = load("hf_compare")
+    if hf:
+        out += ["**Against Hugging Face transformers' pure-PyTorch mixers** (`bench/hf_compare.py`; same weights, "
+                "fp32, batch 1, forward+backward):", "",
+                "| comparison | L | max abs diff (y) | seqlm | HF | speedup |", "|---|---|---|---|---|---|"]
+        for k, r in hf["results"].items():
+            if r.get("status") == "ok":
+                out.append(f"| {k} | {r['L']} | {r['max_abs_diff_y']:.1e} | {r['fwd_bwd_s_seqlm']:.2f} s | "
+                           f"{r['fwd_bwd_s_hf']:.2f} s | {r['speedup']:.1f}x |")
+        out.append("")
+    dc = load("decode")
+    if dc:
+        g = dc["generation"]
+        out += ["**Decode** (`bench/decode.py`; 256 new tokens after an 8192-token prompt, "
+                f"{dc['params']['mamba2'] / 1e6:.1f}M Mamba-2 vs {dc['params']['attention'] / 1e6:.1f}M attention, "
+                f"{dc['threads']} thread):", "", "| batch | Mamba-2 tok/s | attention tok/s | ratio |", "|---|---|---|---|"]
+        for i, (m, a) in enumerate(zip(g["mamba2"], g["attention"])):
+            out.append(f"| {m['batch']} | {m['decode_tokens_per_s']:,.0f} | {a['decode_tokens_per_s']:,.0f} | "
+                       f"{m['decode_tokens_per_s'] / a['decode_tokens_per_s']:.1f}x |")
+        out.append("")
+    rc = load("recursive")
+    if rc:
+        st = rc.get("setup", {})
+        out.append(f"**Relaxed recursive** (`bench/recursive.py`{' --quick' if rc.get('quick') else ''}; "
+                   f"d {st.get('d_model')}, {st.get('n_layers')} layers `{st.get('pattern')}` pretrained "
+                   f"{st.get('pretrain')} steps, K={st.get('groups')} shared groups, each variant then fine-tuned "
+                   f"{st.get('finetune')} steps):")
+        out += ["", "| variant | params | val loss after conversion | after fine-tune |", "|---|---|---|---|"]
+        for r in rc.get("rows", []):
+            out.append(f"| {r['name']} | {r['params']:,} | {r['val_loss_converted']:.3f} | {r['val_loss']:.3f} |")
+        out.append("")
+    hm = load("hmt")
+    if hm:
+        sv, mem, rc2 = hm["shakespeare_val"], hm["memory_growth_8x_over_1x_mib"], hm["recall"]
+        out += [f"**HMT** (`bench/hmt.py`{' --quick' if hm.get('mode') == 'quick' else ''}; backbone "
+                f"{hm['params']['backbone']:,} params, memory +{hm['params']['hmt_pct_of_backbone']:.2f}%, "
+                f"segment {hm['segment_len']}):", "",
+                "| measure | same backbone, one segment at a time | HMT |", "|---|---|---|",
+                f"| Tiny Shakespeare val ({sv['n_tokens_scored']:,} tokens as one sequence), loss | "
+                f"{sv['plain_segment_windows']['loss']:.3f} | {sv['hmt_one_sequence']['loss']:.3f} |",
+                f"| peak memory growth, 8x longer input | {mem['plain_whole_window']:.0f} MiB (whole input as one window) | "
+                f"{mem['hmt']:.1f} MiB |",
+                f"| recall {rc2['task']['distance_segments']} segments back (chance {rc2['task']['chance']:.3f}) | "
+                f"{rc2['no_memory']['accuracy_last_query']:.3f} | {rc2['hmt']['accuracy_last_query']:.3f} |", ""]
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
