@@ -92,6 +92,18 @@ def main() -> None:
         for r in rc.get("rows", []):
             out.append(f"| {r['name']} | {r['params']:,} | {r['val_loss_converted']:.3f} | {r['val_loss']:.3f} |")
         out.append("")
+    mq = load("mqar")
+    if mq and mq.get("results"):
+        out += [f"**MQAR** (`bench/mqar.py`; V={mq['vocab_size']}, {mq['steps']} steps, batch {mq['batch_size']}, "
+                f"lr {', '.join(str(x) for x in mq['lrs'])}, {mq['n_train']:,} training examples; "
+                "accuracy over query positions on held-out examples):", "",
+                "| mixer | d_model | setting (L, pairs) | accuracy | params |", "|---|---|---|---|---|"]
+        for r in mq["results"]:
+            out.append(f"| {r['mixer']} | {r['d_model']} | ({r['seq_len']}, {r['num_pairs']}) | "
+                       f"{r['accuracy']:.3f} | {r['n_params']:,} |")
+        for m, why in mq.get("notes", {}).items():
+            out.append(f"| {m} | | | {why} | |")
+        out.append("")
     hm = load("hmt")
     if hm:
         sv, mem, rc2 = hm["shakespeare_val"], hm["memory_growth_8x_over_1x_mib"], hm["recall"]
