@@ -47,3 +47,26 @@ def test_cuda_dispatch_taken_for_cuda_tensors(monkeypatch):
     finally:
         monkeypatch.undo()
     assert calls == ["silu"]
+
+
+def test_token_major_conv_matches_ref_state_and_grads():
+    """causal_conv1d_tokens on (B, L, C), including a strided slice input and a carried state."""
+    from seqlm.ops.conv import causal_conv1d_tokens
+
+    torch.manual_seed(1)
+    B, C, L, K = 2, 5, 9, 4
+    wide = torch.randn(B, L, C + 3, dtype=torch.float64)
+    x = wide[..., 1:C + 1]  # strided, as a slice of a projection
+    w = torch.randn(C, K, dtype=torch.float64)
+    b = torch.randn(C, dtype=torch.float64)
+    ref = causal_conv1d_ref(x.transpose(1, 2), w, b, "silu").transpose(1, 2)
+    y, st = causal_conv1d_tokens(x, w, b, None, "silu")
+    assert st is None
+    torch.testing.assert_close(y, ref)
+    y1, st = causal_conv1d_tokens(x[:, :3], w, b, torch.zeros(B, C, K - 1, dtype=torch.float64), "silu")
+    y2, st = causal_conv1d_tokens(x[:, 3:], w, b, st, "silu")
+    torch.testing.assert_close(torch.cat([y1, y2], 1), ref)
+    torch.testing.assert_close(st, x[:, L - K + 1:].transpose(1, 2))
+    args = (x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_(),
+            torch.randn(B, C, K - 1, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(lambda *a: causal_conv1d_tokens(*a, "silu")[0], args)

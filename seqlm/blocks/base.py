@@ -44,6 +44,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: BlockConfig, d_model: int):
         super().__init__()
+        problems = cfg.check(d_model)  # also for blocks built directly, not through a RunConfig
+        if problems:
+            raise ValueError("; ".join(f"{f}: {why}" for f, why in problems))
         self.cfg = cfg
         self.d_model = d_model
 

@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import nn
 
 from seqlm.blocks.base import Block, BlockConfig
-from seqlm.ops.conv import causal_conv1d, causal_conv1d_step
+from seqlm.ops.conv import causal_conv1d_step, causal_conv1d_tokens
 from seqlm.ops.fftconv import diag_ssm_kernel, fft_conv
 from seqlm.registry import register
 
@@ -106,9 +106,8 @@ class H3(Block):
     def forward(self, x, state=None):
         B, L, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        ks, shift = causal_conv1d(k.transpose(1, 2), self.shift_weight, None,
-                                  None if state is None else state["shift"])
-        kv = self._kv(ks.transpose(1, 2), v)  # (B, C, P, L)
+        ks, shift = causal_conv1d_tokens(k, self.shift_weight, None, None if state is None else state["shift"])
+        kv = self._kv(ks, v)  # (B, C, P, L)
         log_a, a_bar, b_bar, c = self._ssm(x.dtype)
         K = diag_ssm_kernel(log_a, c * b_bar, L)  # (C, L)
         Cn, P = kv.shape[1], self.P

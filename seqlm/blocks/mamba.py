@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from seqlm.blocks.base import Block, BlockConfig
-from seqlm.ops.conv import causal_conv1d, causal_conv1d_step, use_cuda_conv
+from seqlm.ops.conv import causal_conv1d_step, causal_conv1d_tokens
 from seqlm.ops.selective_scan import selective_scan, selective_scan_step
 from seqlm.registry import register
 
@@ -61,9 +61,6 @@ class Mamba(Block):
 
     def __init__(self, cfg: MambaConfig, d_model: int):
         super().__init__(cfg, d_model)
-        problems = cfg.check(d_model)
-        if problems:
-            raise ValueError("; ".join(f"{f}: {why}" for f, why in problems))
         self.d_inner, self.N, self.R = cfg.expand * d_model, cfg.d_state, cfg.rank(d_model)
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=cfg.bias)
         self.conv_weight = nn.Parameter(torch.empty(self.d_inner, cfg.d_conv))  # (C, K)
@@ -103,27 +100,10 @@ class Mamba(Block):
         return (F.linear(x, W[:n], None if b is None else b[:n]),
                 F.linear(x, W[n:], None if b is None else b[n:]))
 
-    def _conv(self, xs, conv_state):
-        """Causal depthwise conv + SiLU on token-major xs (B, L, C); state (B, C, K-1)."""
-        if use_cuda_conv(xs):
-            y, st = causal_conv1d(xs.transpose(1, 2), self.conv_weight, self.conv_bias, conv_state, "silu")
-            return y.transpose(1, 2), st
-        K, L = self.cfg.d_conv, xs.shape[1]
-        w = self.conv_weight.t()                                               # (K, C)
-        xp = (F.pad(xs, (0, 0, K - 1, 0)) if conv_state is None
-              else torch.cat([conv_state.transpose(1, 2).to(xs.dtype), xs], dim=1))
-        # K shifted multiply-adds along L, contiguous in this layout (no transposes)
-        y = xp[:, K - 1:] * w[K - 1]
-        for k in range(K - 1):
-            y = torch.addcmul(y, xp[:, k:k + L], w[k])
-        if self.conv_bias is not None:
-            y = y + self.conv_bias
-        new_state = None if conv_state is None else xp[:, xp.shape[1] - (K - 1):].transpose(1, 2)
-        return F.silu(y), new_state
-
     def forward(self, x, state=None):
         xs, z = self._in_proj(x)                                               # (B, L, d_inner)
-        xc, conv_state = self._conv(xs, None if state is None else state["conv"])
+        xc, conv_state = causal_conv1d_tokens(xs, self.conv_weight, self.conv_bias,
+                                               None if state is None else state["conv"], "silu")
         delta, B, C = self._ssm_inputs(xc)
         y, h = selective_scan(xc, delta, -torch.exp(self.A_log), B, C, self.D, z, self.dt_proj.bias,
                               True, None if state is None else state["ssm"], self.cfg.chunk_size)

@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from seqlm.blocks.base import Block, BlockConfig
-from seqlm.ops.conv import causal_conv1d, causal_conv1d_step
+from seqlm.ops.conv import causal_conv1d_step, causal_conv1d_tokens
 from seqlm.ops.norm import RMSNorm
 from seqlm.ops.ssd import ssd_scan, ssd_step
 from seqlm.registry import register
@@ -67,9 +67,6 @@ class Mamba2(Block):
 
     def __init__(self, cfg: Mamba2Config, d_model: int):
         super().__init__(cfg, d_model)
-        problems = cfg.check(d_model)
-        if problems:
-            raise ValueError("; ".join(f"{f}: {why}" for f, why in problems))
         self.d_inner = cfg.expand * d_model
         self.P, self.N, self.G = cfg.head_dim, cfg.d_state, cfg.ngroups
         self.H = self.d_inner // self.P
@@ -123,9 +120,9 @@ class Mamba2(Block):
     def forward(self, x, state=None):
         Bsz, T, _ = x.shape
         z, xBC, dt = self._split(self.in_proj(x))
-        xBC, conv_state = causal_conv1d(xBC.transpose(1, 2), self.conv_weight, self.conv_bias,
-                                        None if state is None else state["conv"], "silu")
-        xs, B, C, dt, A = self._ssm_inputs(xBC.transpose(1, 2), dt)
+        xBC, conv_state = causal_conv1d_tokens(xBC, self.conv_weight, self.conv_bias,
+                                               None if state is None else state["conv"], "silu")
+        xs, B, C, dt, A = self._ssm_inputs(xBC, dt)
         y, h = ssd_scan(xs.reshape(Bsz, T, self.H, self.P), dt, A, B.reshape(Bsz, T, self.G, self.N),
                         C.reshape(Bsz, T, self.G, self.N), self.cfg.chunk_size, D=self.D,
                         h0=None if state is None else state["ssm"], return_state=state is not None)

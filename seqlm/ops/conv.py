@@ -42,6 +42,29 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return y, new_state
 
 
+def causal_conv1d_tokens(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                         state: Optional[torch.Tensor] = None, activation: Optional[str] = None):
+    """Token-major form: x (B, L, C) -> (y (B, L, C), new_state), state (B, C, K-1) as above.
+
+    The blocks' projections produce (B, L, C); shifting along L in this layout needs no
+    transposes or copies (``x`` may be a strided slice of a wider projection)."""
+    if use_cuda_conv(x):
+        y, st = causal_conv1d(x.transpose(1, 2), weight, bias, state, activation)
+        return y.transpose(1, 2), st
+    K, L = weight.shape[1], x.shape[1]
+    w = weight.t()  # (K, C)
+    xp = F.pad(x, (0, 0, K - 1, 0)) if state is None else torch.cat([state.transpose(1, 2).to(x.dtype), x], dim=1)
+    y = xp[:, K - 1:] * w[K - 1]
+    for k in range(K - 1):
+        y = torch.addcmul(y, xp[:, k:k + L], w[k])
+    if bias is not None:
+        y = y + bias
+    if activation == "silu":
+        y = F.silu(y)
+    new_state = None if state is None else xp[:, xp.shape[1] - (K - 1):].transpose(1, 2)
+    return y, new_state
+
+
 def causal_conv1d_step(x_t: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        state: torch.Tensor, activation: Optional[str] = None):
     """One token: x_t (B, C), state (B, C, K-1) -> (y_t (B, C), new_state)."""
