@@ -12,6 +12,9 @@ counts are within a few percent (both are reported).
    batches replicate the batch-1 caches along the batch (each row then decodes against an
    8k-token context, which is all the decode cost depends on) instead of prefilling
    ``batch`` prompts. Target: Mamba-2 >= 5x attention tokens/s at 8k context.
+   With the step compiled (``LM.generate(compile=True)``, both models; ``--no-compile`` skips
+   it): the same rows under ``generation_compiled``, with the compile time and the length of
+   the prefix of greedy tokens that equals the eager run.
 2. Per-token decode time vs context length (1k .. 16k): the caches are set up as after a
    prompt of that length (attention: KV cache filled with random keys/values up to the
    position, SSM: random state; the step's work does not depend on the values), then the
@@ -25,6 +28,7 @@ One intra-op thread by default (``--threads``). Prints one JSON object and write
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -89,8 +93,12 @@ def _synthetic_state(model: LM, batch: int, ctx: int, extra: int):
 
 
 @torch.no_grad()
-def generate_timed(model: LM, prompt: torch.Tensor, new: int, batch: int) -> dict:
-    """Prefill (batch 1) then greedy decode ``new`` tokens for ``batch`` rows."""
+def generate_timed(model: LM, prompt: torch.Tensor, new: int, batch: int, compiled: bool = False) -> dict:
+    """Prefill (batch 1) then greedy decode ``new`` tokens for ``batch`` rows.
+
+    ``compiled``: steps through ``model.compiled_step()``; three untimed steps on a copy of
+    the caches compile it first (their time is reported as ``compile_s``)."""
+    step = model.compiled_step() if compiled else model.step
     T = prompt.shape[1]
     state = model.init_state(1, T + new)
     t0 = time.perf_counter()
@@ -99,6 +107,14 @@ def generate_timed(model: LM, prompt: torch.Tensor, new: int, batch: int) -> dic
     if batch > 1:
         state = _expand_state(state, batch)
     logits = logits[:, -1].expand(batch, -1)
+    compile_s = None
+    if compiled:
+        t0 = time.perf_counter()
+        warm = _expand_state(state, batch)
+        for _ in range(3):  # attention: a second compile once the cache position goes dynamic
+            _, warm = step(logits.argmax(-1)[:, None], warm)
+        compile_s = time.perf_counter() - t0
+        gc.collect()  # the compile's garbage, or its collection lands in the timed loop
     out = []
     t0 = time.perf_counter()
     for i in range(new):
@@ -106,14 +122,14 @@ def generate_timed(model: LM, prompt: torch.Tensor, new: int, batch: int) -> dic
         out.append(nxt)
         if i == new - 1:
             break
-        logits, state = model.step(nxt[:, None], state)
+        logits, state = step(nxt[:, None], state)
         logits = logits[:, -1]
     dec = time.perf_counter() - t0
     # new tokens from new-1 steps (the first comes from the prefill logits), as in LM.generate
     return {"batch": batch, "prompt": T, "new_tokens": new, "prefill_s": prefill if batch == 1 else None,
             "prefill_tokens_per_s": T / prefill if batch == 1 else None,
             "decode_s": dec, "decode_tokens_per_s": batch * new / dec,
-            "ms_per_step": 1e3 * dec / max(new - 1, 1), "tokens": torch.stack(out, 1)}
+            "ms_per_step": 1e3 * dec / max(new - 1, 1), "compile_s": compile_s, "tokens": torch.stack(out, 1)}
 
 
 @torch.no_grad()
@@ -173,6 +189,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=None, help="prompt length (default 8192; quick 1024)")
     ap.add_argument("--new", type=int, default=None, help="new tokens (default 256; quick 32)")
     ap.add_argument("--batches", type=str, default="1,16")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="skip the generation rows with the decode step compiled (torch.compile)")
     ap.add_argument("--contexts", type=str, default=None,
                     help="comma list for the sweep (default 1k,2k,4k,8k,16k; quick 256,1k,2k)")
     ap.add_argument("--sweep-steps", type=int, default=None, help="timed steps per context (default 32; quick 8)")
@@ -209,11 +227,12 @@ def main(argv=None) -> int:
 
     prompt = torch.randint(0, VOCAB, (1, P), generator=torch.Generator().manual_seed(0))
     gen = {"prompt": P, "new_tokens": new}
+    eager_tokens = {}
     for name, m in models.items():
         rows = []
         for b in batches:
             r = generate_timed(m, prompt, new, b)
-            r.pop("tokens")
+            eager_tokens[name, b] = r.pop("tokens")
             rows.append(r)
             print(f"[{name}] batch {b}: prefill {r['prefill_s']} s, decode {r['decode_tokens_per_s']:.1f} tok/s "
                   f"({r['ms_per_step']:.2f} ms/step)", file=sys.stderr, flush=True)
@@ -223,6 +242,32 @@ def main(argv=None) -> int:
         for i, b in enumerate(batches)}
     gen["target_speedup"] = 5.0
     res["generation"] = gen
+
+    # the same with the decode step compiled (LM.generate(compile=True)) for both models
+    genc = {"prompt": P, "new_tokens": new}
+    if a.compile:
+        for name, m in models.items():
+            rows = []
+            for b in batches:
+                r = generate_timed(m, prompt, new, b, compiled=True)
+                # greedy tokens vs the eager run (fused kernels round differently, so a near-tie
+                # may flip late in the sequence: the agreeing prefix is reported)
+                same = (r.pop("tokens") == eager_tokens[name, b]).all(0).long()
+                r["tokens_equal_to_eager_prefix"] = int(same.cumprod(0).sum())
+                rows.append(r)
+                print(f"[{name} compiled] batch {b}: compile {r['compile_s']:.1f} s, decode "
+                      f"{r['decode_tokens_per_s']:.1f} tok/s ({r['ms_per_step']:.2f} ms/step)",
+                      file=sys.stderr, flush=True)
+            genc[name] = rows
+        genc["speedup_mamba2_over_attention"] = {
+            f"batch_{b}": genc["mamba2"][i]["decode_tokens_per_s"] / genc["attention"][i]["decode_tokens_per_s"]
+            for i, b in enumerate(batches)}
+        res["generation_compiled"] = genc
+        # headline: each model at its faster mode (eager or compiled)
+        best = {name: [max(gen[name][i]["decode_tokens_per_s"], genc[name][i]["decode_tokens_per_s"])
+                       for i in range(len(batches))] for name in models}
+        res["speedup_best_mode"] = {f"batch_{b}": best["mamba2"][i] / best["attention"][i]
+                                    for i, b in enumerate(batches)}
 
     sweep_rows = []
     for b in batches:

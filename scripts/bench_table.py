@@ -73,13 +73,29 @@ def main() -> None:
         out.append("")
     dc = load("decode")
     if dc:
-        g = dc["generation"]
+        g, gc = dc["generation"], dc.get("generation_compiled")
         out += ["**Decode** (`bench/decode.py`; 256 new tokens after an 8192-token prompt, "
                 f"{dc['params']['mamba2'] / 1e6:.1f}M Mamba-2 vs {dc['params']['attention'] / 1e6:.1f}M attention, "
-                f"{dc['threads']} thread):", "", "| batch | Mamba-2 tok/s | attention tok/s | ratio |", "|---|---|---|---|"]
+                f"{dc['threads']} thread; tokens/s, eager and with the decode step compiled, `generate(compile=True)`):",
+                ""]
+        if gc:
+            out += ["| batch | Mamba-2 eager | attention eager | ratio | Mamba-2 compiled | attention compiled | ratio "
+                    "| best vs best |", "|---|---|---|---|---|---|---|---|"]
+        else:
+            out += ["| batch | Mamba-2 tok/s | attention tok/s | ratio |", "|---|---|---|---|"]
         for i, (m, a) in enumerate(zip(g["mamba2"], g["attention"])):
-            out.append(f"| {m['batch']} | {m['decode_tokens_per_s']:,.0f} | {a['decode_tokens_per_s']:,.0f} | "
-                       f"{m['decode_tokens_per_s'] / a['decode_tokens_per_s']:.1f}x |")
+            row = (f"| {m['batch']} | {m['decode_tokens_per_s']:,.0f} | {a['decode_tokens_per_s']:,.0f} | "
+                   f"{m['decode_tokens_per_s'] / a['decode_tokens_per_s']:.1f}x |")
+            if gc:
+                mc, ac = gc["mamba2"][i], gc["attention"][i]
+                best = dc["speedup_best_mode"][f"batch_{m['batch']}"]
+                row += (f" {mc['decode_tokens_per_s']:,.0f} | {ac['decode_tokens_per_s']:,.0f} | "
+                        f"{mc['decode_tokens_per_s'] / ac['decode_tokens_per_s']:.1f}x | {best:.1f}x |")
+            out.append(row)
+        if gc:
+            cs = ", ".join(f"{n} {r['compile_s']:.0f} s" for n in ("mamba2", "attention") for r in gc[n][:1])
+            out.append("")
+            out.append(f"Compile time (batch 1, once per model and batch size): {cs}.")
         out.append("")
     rc = load("recursive")
     if rc:

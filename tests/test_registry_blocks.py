@@ -66,6 +66,29 @@ def test_prefill_then_steps(name):
     torch.testing.assert_close(torch.cat(outs, 1), ref, rtol=1e-7, atol=1e-9)
 
 
+def _tensors(state):
+    if torch.is_tensor(state):
+        yield state
+    elif isinstance(state, dict):
+        for v in state.values():
+            yield from _tensors(v)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_states_are_contiguous(name):
+    # one layout for the state whether it came from init_state, a prefill or a step, so a
+    # compiled step (LM.compiled_step) sees the same strides every call and never recompiles
+    blk = make(name)
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    with torch.no_grad():
+        st0 = blk.init_state(B, T + 1, x.device, x.dtype)
+        _, st1 = blk(x[:, :T - 1], blk.init_state(B, T + 1, x.device, x.dtype))
+        _, st2 = blk.step(x[:, T - 1:], st1)
+    for s in (st0, st1, st2):
+        for t in _tensors(s):
+            assert t.is_contiguous(), f"{name}: state tensor {tuple(t.shape)} strides {t.stride()}"
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("split", [1, 5, 7])
 def test_two_chunks_with_state(name, split):

@@ -17,7 +17,7 @@ from torch import nn
 
 from seqlm.blocks.base import Block, BlockConfig
 from seqlm.ops.conv import causal_conv1d_step, causal_conv1d_tokens
-from seqlm.ops.norm import RMSNorm
+from seqlm.ops.norm import RMSNorm, gated_rms_norm
 from seqlm.ops.ssd import ssd_scan, ssd_step
 from seqlm.registry import register
 
@@ -107,19 +107,18 @@ class Mamba2(Block):
 
     def _out(self, y, z):
         """Gated RMSNorm (per group, like mamba-ssm's RMSNormGated) then out_proj."""
-        y = y * F.silu(z)
-        if self.G == 1:
-            y = self.norm(y)
-        else:
-            shp = y.shape
-            y = F.rms_norm(y.reshape(*shp[:-1], self.G, -1), (self.d_inner // self.G,), eps=self.norm.eps)
-            y = y.reshape(shp) * self.norm.weight
+        y = gated_rms_norm(y, z, self.norm.weight, self.norm.eps, self.d_inner // self.G)
         return self.out_proj(y)
 
     # -- the interface ------------------------------------------------------------------
     def forward(self, x, state=None):
         Bsz, T, _ = x.shape
-        z, xBC, dt = self._split(self.in_proj(x))
+        # z in its own product: the gate keeps just its d_inner columns alive for backward,
+        # not the whole (z, xBC, dt) projection (same weight, same FLOPs)
+        W, b = self.in_proj.weight, self.in_proj.bias
+        z = F.linear(x, W[:self.d_inner], None if b is None else b[:self.d_inner])
+        xBC, dt = F.linear(x, W[self.d_inner:], None if b is None else b[self.d_inner:]).split(
+            [self.conv_dim, self.H], dim=-1)
         xBC, conv_state = causal_conv1d_tokens(xBC, self.conv_weight, self.conv_bias,
                                                None if state is None else state["conv"], "silu")
         xs, B, C, dt, A = self._ssm_inputs(xBC, dt)

@@ -2,7 +2,7 @@
 
 x (B, C, L), weight (C, K), bias (C,) -> y (B, C, L) with y[..., t] depending on
 x[..., t-K+1 .. t]. ``state`` (B, C, K-1) holds the inputs before x (zeros at the start);
-the new state is the last K-1 inputs. Uses causal-conv1d on CUDA when importable.
+the new state is the last K-1 inputs (contiguous, one layout for every path). Uses causal-conv1d on CUDA when importable.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         y = y + bias[:, None]
     if activation == "silu":
         y = F.silu(y)
-    new_state = xp[..., xp.shape[-1] - (K - 1):] if state is not None else None
+    new_state = xp[..., xp.shape[-1] - (K - 1):].contiguous() if state is not None else None
     return y, new_state
 
 
@@ -61,7 +61,7 @@ def causal_conv1d_tokens(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         y = y + bias
     if activation == "silu":
         y = F.silu(y)
-    new_state = None if state is None else xp[:, xp.shape[1] - (K - 1):].transpose(1, 2)
+    new_state = None if state is None else xp[:, xp.shape[1] - (K - 1):].transpose(1, 2).contiguous()
     return y, new_state
 
 
@@ -74,7 +74,7 @@ def causal_conv1d_step(x_t: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         y = y + bias
     if activation == "silu":
         y = F.silu(y)
-    return y, full[..., 1:]
+    return y, full[..., 1:].contiguous()
 
 
 def causal_conv1d_ref(x, weight, bias=None, activation=None):

@@ -56,11 +56,11 @@ class _SSDChunked(torch.autograd.Function):
         Bc = B.view(b, nc, Q, G, N).transpose(2, 3).contiguous()       # (b, c, G, Q, N)
         Cc = C.view(b, nc, Q, G, N).transpose(2, 3).contiguous()
         # (1) intra-chunk: y_i = sum_{j<=i} (C_i.B_j) exp(cum_i - cum_j) u_j
-        Lm = _segsum_exp(cumT)                                         # (b, c, H, Q, Q)
-        M = (Lm.view(b, nc, G, Hg, Q, Q) * (Cc @ Bc.mT)[:, :, :, None]).reshape(b, nc, H, Q, Q)
+        CB = Cc @ Bc.mT                                                # (b, c, G, Q, Q)
+        M = (_segsum_exp(cumT).view(b, nc, G, Hg, Q, Q) * CB[:, :, :, None]).view(b, nc, H, Q, Q)
         u = x.view(b, nc, Q, H, P) * dt.view(b, nc, Q, H, 1)           # token-major
-        uh = u.transpose(2, 3).contiguous()                            # head-major
-        y = (M @ uh).transpose(2, 3)                                   # (b, c, Q, H, P) view
+        y = (M @ u.transpose(2, 3)).transpose(2, 3)                    # (b, c, Q, H, P) view
+        del M  # the H x Q x Q decay-weighted mixing matrices are recomputed in backward
         # (2) chunk-local final states: s = sum_j exp(cum_Q - cum_j) B_j^T u_j
         w = (cum[:, :, -1:] - cum).exp_()                              # (b, c, Q, H)
         v = (u * w[..., None]).reshape(b, nc, Q, G, Hg * P).transpose(2, 3)
@@ -77,14 +77,14 @@ class _SSDChunked(torch.autograd.Function):
         y_off = (Cc @ S.view(b, nc, G, N, Hg * P)).transpose(2, 3).reshape(b, nc, Q, H, P)
         y_off *= cum.exp()[..., None]
         out = torch.add(y_off, y, out=torch.empty_like(y_off)).view(b, L, H, P)
-        ctx.save_for_backward(x, dt, A, Bc, Cc, cumT, Lm, M, uh, w, a, S, h_last, out)
+        ctx.save_for_backward(x, dt, A, Bc, Cc, cumT, CB, w, a, S, h_last, out)
         ctx.Q = Q
         # contiguous (b, H, P, N): decode steps then run on a dense state
         return out, h_last.permute(0, 1, 3, 4, 2).contiguous().view(b, H, P, N)
 
     @staticmethod
     def backward(ctx, gy, gh):
-        x, dt, A, Bc, Cc, cumT, Lm, M, uh, w, a, S, h_last, out = ctx.saved_tensors
+        x, dt, A, Bc, Cc, cumT, CB, w, a, S, h_last, out = ctx.saved_tensors
         Q = ctx.Q
         b, L, H, P = x.shape
         nc, G, N = L // Q, Bc.shape[2], Bc.shape[4]
@@ -100,6 +100,8 @@ class _SSDChunked(torch.autograd.Function):
         gZ = (gy * cum.exp()[..., None]).reshape(b, nc, Q, G, Hg * P).transpose(2, 3)
         gC = gZ @ S.view(b, nc, G, N, Hg * P).mT                       # (b, c, G, Q, N)
         gS = (Cc.mT @ gZ).view(b, nc, G, N, Hg, P)
+        del gZ  # (the dels here bound the backward's peak memory: no full-length temporary
+        # outlives its last use)
         # (3) reverse loop: gs[c] = dL/dS_end[c];  dL/dS_end[c-1] = gS[c] + a_c gs[c]
         if gh is not None:
             g = gh.reshape(b, G, Hg, P, N).permute(0, 1, 4, 2, 3).contiguous()
@@ -112,21 +114,31 @@ class _SSDChunked(torch.autograd.Function):
         gh0 = torch.addcmul(gS[:, 0], gs[:, 0], a[:, 0]).permute(0, 1, 3, 4, 2).reshape(b, H, P, N)
         gcum[:, :-1, -1] += (gs[:, :-1] * S[:, 1:]).sum((3, 5)).view(b, nc - 1, H)
         gcum[:, -1, -1] += (gs[:, -1] * h_last).sum((2, 4)).view(b, H)
+        del gS
         # (2) s = B^T v, v = w dt x
         gs5 = gs.view(b, nc, G, N, Hg * P)
         wdt = w[..., None] * dtc                                       # (b, c, Q, H, 1)
         v = (xc * wdt).reshape(b, nc, Q, G, Hg * P).transpose(2, 3)
         gB = v @ gs5.mT                                                # (b, c, G, Q, N)
         gv = (Bc @ gs5).transpose(2, 3).reshape(b, nc, Q, H, P)
-        # (1) y = M @ uh, M = Lm * CB
+        del v, gs5, gs
+        # (1) y = M @ uh, M = Lm * CB (Lm, M and uh recomputed: 2 H Q + P floats per token
+        # not held between forward and backward)
+        Lm = _segsum_exp(cumT)                                         # (b, c, H, Q, Q)
+        M = (Lm.view(b, nc, G, Hg, Q, Q) * CB[:, :, :, None]).view(b, nc, H, Q, Q)
+        uh = (xc * dtc).transpose(2, 3)                                # (b, c, H, Q, P) view
         gyh = gy.transpose(2, 3).contiguous()                          # (b, c, H, Q, P)
         gM = gyh @ uh.mT                                               # (b, c, H, Q, Q)
         gu = torch.addcmul((M.mT @ gyh).transpose(2, 3), gv, w[..., None],
                            out=torch.empty_like(gv))                   # dL/du (b, c, Q, H, P)
+        del M, gyh, gv
         gCB = gM.mul_(Lm).view(b, nc, G, Hg, Q, Q)                     # (b, c, G, Q, Q)
+        del Lm
         gCB = gCB[:, :, :, 0] if Hg == 1 else gCB.sum(3)
+        del gM
         gC += gCB @ Bc
         gB += gCB.mT @ Cc
+        del gCB
         gux = (gu * xc).sum(-1)                                        # (b, c, Q, H)
         gcum -= gux * dtc[..., 0]
         # cum = cumsum(dt A) within the chunk -> reverse cumsum
@@ -210,9 +222,9 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     xs, dts, Bs, Cs = (t.contiguous() for t in (xs, dts, Bs, Cs))
     y, h_last = _SSDChunked.apply(xs, dts, A, Bs, Cs, h0, Q)
     if pad:
-        y = y[:, :L]
-    if D is not None:
-        y = y + x * D[:, None]
+        y, xs = y[:, :L], xs[:, :L]
+    if D is not None:  # xs: the contiguous x the scan keeps anyway (x may view a wider tensor)
+        y = y + xs * D[:, None]
     return y, (h_last if return_state else None)
 
 
