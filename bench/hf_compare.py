@@ -222,7 +222,7 @@ def profile_mamba2(d_state: int, chunk: int, L: int, top: int = 12) -> dict:
     blk = m2.Mamba2(m2.Mamba2Config(d_state=d_state, d_conv=4, expand=2, head_dim=64, chunk_size=chunk),
                     D_MODEL)
     x, g = torch.randn(1, L, D_MODEL), torch.randn(1, L, D_MODEL)
-    orig = {n: getattr(m2, n) for n in ("causal_conv1d", "ssd_scan")}
+    orig = {n: getattr(m2, n) for n in ("causal_conv1d_tokens", "ssd_scan", "gated_rms_norm")}
 
     def region(name, f):
         def w(*args, **kw):

@@ -2,11 +2,14 @@
 import pytest
 import torch
 
+from seqlm import ops
 from seqlm.ops.norm import gated_rms_norm, gated_rms_norm_ref
 
 
+@pytest.mark.parametrize("block_elems", [1 << 18, 36])  # one block; blocks of 3 rows (10 rows: ragged end)
 @pytest.mark.parametrize("group", [None, 4])
-def test_gated_rms_norm_matches_reference_with_gradients(group):
+def test_gated_rms_norm_matches_reference_with_gradients(group, block_elems, monkeypatch):
+    monkeypatch.setattr(ops, "BLOCK_ELEMS", block_elems)
     torch.manual_seed(0)
     x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
     z = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)

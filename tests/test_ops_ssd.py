@@ -4,6 +4,7 @@ import types
 import pytest
 import torch
 
+from seqlm import ops
 from seqlm.ops import ssd
 from seqlm.ops.ssd import ssd_matrix, ssd_ref, ssd_scan, ssd_step, ssd_step_ref
 
@@ -20,9 +21,13 @@ def inputs(b=2, L=21, H=4, P=3, N=5, G=2, dtype=torch.float64, dt_scale=0.5, see
     return x, dt, A, B, C, D, h0
 
 
+# ops.BLOCK_ELEMS: one block for everything, or (b=2, L=21, Q=8: 6 chunks of 256 elements)
+# blocks of 4 chunks and a ragged block of 2
+@pytest.mark.parametrize("block_elems", [1 << 18, 1024])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
 @pytest.mark.parametrize("G", [1, 2])
-def test_scan_matches_ref_values_and_grads(dtype, tol, G):
+def test_scan_matches_ref_values_and_grads(dtype, tol, G, block_elems, monkeypatch):
+    monkeypatch.setattr(ops, "BLOCK_ELEMS", block_elems)
     args = [t.requires_grad_() for t in inputs(G=G, dtype=dtype)]
     x, dt, A, B, C, D, h0 = args
     y, h = ssd_scan(x, dt, A, B, C, 8, D, h0)
@@ -37,7 +42,8 @@ def test_scan_matches_ref_values_and_grads(dtype, tol, G):
 
 
 @pytest.mark.parametrize("Q", [1, 4, 7])
-def test_gradcheck_fp64(Q):
+def test_gradcheck_fp64(Q, monkeypatch):
+    monkeypatch.setattr(ops, "BLOCK_ELEMS", 2 * Q * 2 * max(2, Q))  # blocks of 2 chunks
     args = [t.requires_grad_() for t in inputs(b=1, L=9, H=2, P=2, N=3, G=1)]
     assert torch.autograd.gradcheck(lambda x, dt, A, B, C, D, h0: ssd_scan(x, dt, A, B, C, Q, D, h0), args)
 

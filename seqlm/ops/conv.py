@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from seqlm import ops
+
 try:  # optional CUDA fast path
     from causal_conv1d import causal_conv1d_fn as _cc1d_fn  # type: ignore
 except Exception:  # noqa: BLE001
@@ -42,25 +44,77 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return y, new_state
 
 
+class _ConvTokens(torch.autograd.Function):
+    """y = act(sum_k xp[:, t + k] * w[k] + bias) on the left-padded input xp (B, L+K-1, C).
+
+    Holds only xp for backward (the pre-activation is recomputed) and runs over cache-sized
+    blocks of positions (``ops.blocks``): the K shifted multiply-adds, the SiLU and their
+    backward then make their passes in cache instead of over the whole sequence."""
+
+    @staticmethod
+    def forward(ctx, xp, wt, bias, silu: bool):
+        Bsz, Lp, C = xp.shape
+        K = wt.shape[0]
+        L = Lp - K + 1
+        y = xp.new_empty(Bsz, L, C)
+        for sl in ops.blocks(L, Bsz * C):
+            a = _conv_block(xp, wt, bias, sl)
+            if silu:
+                torch.nn.functional.silu(a, inplace=True)
+            y[:, sl] = a
+        ctx.save_for_backward(xp, wt, bias)
+        ctx.silu = silu
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xp, wt, bias = ctx.saved_tensors
+        Bsz, Lp, C = xp.shape
+        K = wt.shape[0]
+        L = Lp - K + 1
+        gxp = torch.zeros_like(xp)
+        gw = torch.zeros_like(wt)
+        gb = None if bias is None else torch.zeros_like(bias)
+        for sl in ops.blocks(L, Bsz * C):
+            ga = gy[:, sl]
+            if ctx.silu:
+                ga = torch.ops.aten.silu_backward(ga, _conv_block(xp, wt, bias, sl))
+            if gb is not None:
+                gb += ga.sum((0, 1))
+            n = sl.stop - sl.start
+            for k in range(K):
+                xs = xp[:, sl.start + k:sl.start + k + n]
+                gw[k] += torch.linalg.vecdot(ga.reshape(-1, C), xs.reshape(-1, C), dim=0)
+                gxp[:, sl.start + k:sl.start + k + n].addcmul_(ga, wt[k])
+        return gxp, gw, gb, None
+
+
+def _conv_block(xp, wt, bias, sl):
+    """Pre-activation of output positions ``sl`` (B, n, C)."""
+    K, n = wt.shape[0], sl.stop - sl.start
+    a = xp[:, sl.start + K - 1:sl.stop + K - 1] * wt[K - 1]
+    for k in range(K - 1):
+        a.addcmul_(xp[:, sl.start + k:sl.start + k + n], wt[k])
+    if bias is not None:
+        a += bias
+    return a
+
+
 def causal_conv1d_tokens(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                          state: Optional[torch.Tensor] = None, activation: Optional[str] = None):
     """Token-major form: x (B, L, C) -> (y (B, L, C), new_state), state (B, C, K-1) as above.
 
     The blocks' projections produce (B, L, C); shifting along L in this layout needs no
-    transposes or copies (``x`` may be a strided slice of a wider projection)."""
+    transposes (``x`` may be a strided slice of a wider projection)."""
     if use_cuda_conv(x):
         y, st = causal_conv1d(x.transpose(1, 2), weight, bias, state, activation)
         return y.transpose(1, 2), st
-    K, L = weight.shape[1], x.shape[1]
-    w = weight.t()  # (K, C)
+    if activation not in (None, "silu"):
+        raise ValueError(f"causal_conv1d: activation must be None or 'silu', got {activation!r}")
+    K = weight.shape[1]
     xp = F.pad(x, (0, 0, K - 1, 0)) if state is None else torch.cat([state.transpose(1, 2).to(x.dtype), x], dim=1)
-    y = xp[:, K - 1:] * w[K - 1]
-    for k in range(K - 1):
-        y = torch.addcmul(y, xp[:, k:k + L], w[k])
-    if bias is not None:
-        y = y + bias
-    if activation == "silu":
-        y = F.silu(y)
+    # (K, C) contiguous: a strided per-tap weight row makes every multiply-add ~6x slower
+    y = _ConvTokens.apply(xp, weight.t().contiguous(), bias, activation == "silu")
     new_state = None if state is None else xp[:, xp.shape[1] - (K - 1):].transpose(1, 2).contiguous()
     return y, new_state
 

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seqlm import ops
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -32,32 +34,46 @@ class _GatedRMSNorm(torch.autograd.Function):
     """rms_norm(x * silu(z)) * weight over groups of ``group`` channels, holding only x, z and
     the per-group 1/rms for backward (the gated product and the normalised output are
     recomputed): at 32k tokens and d_inner 512 that is 4 KiB per token less than autograd
-    keeping every intermediate."""
+    keeping every intermediate. Rows are processed in cache-sized blocks (``ops.blocks``),
+    each as 2-D (rows, group) views (broadcasting over size-1 middle dims takes a ~6x slower
+    elementwise path on CPU)."""
 
     @staticmethod
     def forward(ctx, x, z, weight, eps: float, group: int):
-        shp = x.shape
-        g = (x * F.silu(z)).view(*shp[:-1], shp[-1] // group, group)
-        rstd = torch.rsqrt(g.pow(2).mean(-1, keepdim=True).add_(eps))
+        shp, C = x.shape, x.shape[-1]
+        x2, z2 = x.reshape(-1, C), z.reshape(-1, C)
+        gpr = C // group                                               # groups per row
+        out = torch.empty_like(x2)
+        rstd = x2.new_empty(x2.shape[0] * gpr, 1)
+        for sl in ops.blocks(x2.shape[0], C):
+            g = (x2[sl] * F.silu(z2[sl])).view(-1, group)
+            r = rstd[sl.start * gpr:sl.stop * gpr]
+            torch.rsqrt(g.pow(2).mean(-1, keepdim=True).add_(eps), out=r)
+            torch.mul(g.mul_(r).view(-1, C), weight, out=out[sl])
         ctx.save_for_backward(x, z, weight, rstd)
         ctx.group = group
-        return (g * rstd).view(shp) * weight
+        return out.view(shp)
 
     @staticmethod
     def backward(ctx, go):
         x, z, weight, rstd = ctx.saved_tensors
-        shp, group = x.shape, ctx.group
-        gshape = (*shp[:-1], shp[-1] // group, group)
-        sig = torch.sigmoid(z)
-        s = z * sig                                                   # silu(z)
-        n = (x * s).view(gshape) * rstd                               # normalised, per group
-        gw = (go * n.view(shp)).reshape(-1, shp[-1]).sum(0)
-        gn = (go * weight).view(gshape)
-        # d rms_norm: rstd * (gn - n * mean(gn * n))
-        dg = ((gn - n * (gn * n).mean(-1, keepdim=True)) * rstd).view(shp)
-        gx = dg * s
-        gz = dg * x * (sig * (1 + z * (1 - sig)))                     # silu'(z)
-        return gx, gz, gw, None, None
+        shp, group, C = x.shape, ctx.group, x.shape[-1]
+        gpr = C // group
+        x2, z2, go2 = x.reshape(-1, C), z.reshape(-1, C), go.reshape(-1, C)
+        gx, gz = torch.empty_like(x2), torch.empty_like(z2)
+        gw = torch.zeros_like(weight)
+        for sl in ops.blocks(x2.shape[0], C):
+            xs, zs, gos, r = x2[sl], z2[sl], go2[sl], rstd[sl.start * gpr:sl.stop * gpr]
+            s = F.silu(zs)
+            n = (xs * s).view(-1, group).mul_(r)                       # normalised, per group
+            gw += torch.linalg.vecdot(gos, n.view(-1, C), dim=0)
+            gn = (gos * weight).view(-1, group)
+            # d rms_norm: rstd * (gn - n * mean(gn * n))
+            dot = torch.linalg.vecdot(gn, n).unsqueeze(-1).div_(group)
+            dg = torch.addcmul(gn, n, dot, value=-1).mul_(r).view(-1, C)
+            torch.mul(dg, s, out=gx[sl])
+            torch.ops.aten.silu_backward.grad_input(dg.mul_(xs), zs, grad_input=gz[sl])  # x silu'(z)
+        return gx.view(shp), gz.view(shp), gw, None, None
 
 
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float,
