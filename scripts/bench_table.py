@@ -1,11 +1,14 @@
 #!/usr/bin/env python
 """Print the README's benchmark tables (markdown) from bench/results/*.json.
 
-    python scripts/bench_table.py            # paste the output into README.md
+    python scripts/bench_table.py            # print them
+    python scripts/bench_table.py --write    # replace them in README.md (between the
+                                             # "## Benchmarks" intro and "Against the targets")
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 R = Path(__file__).resolve().parents[1] / "bench" / "results"
@@ -14,6 +17,19 @@ R = Path(__file__).resolve().parents[1] / "bench" / "results"
 def load(name):
     p = R / f"{name}.json"
     return json.loads(p.read_text()) if p.exists() else None
+
+
+START = "`python scripts/bench_table.py`.\n\n"
+END = "Against the targets set in the issues:"
+
+
+def write_readme(tables: str) -> None:
+    readme = R.parents[1] / "README.md"
+    text = readme.read_text()
+    i, j = text.find(START), text.find(END)
+    if i < 0 or j < i:
+        raise SystemExit(f"{readme}: markers {START.strip()!r} ... {END!r} not found")
+    readme.write_text(text[:i + len(START)] + tables.rstrip("\n") + "\n\n" + text[j:])
 
 
 def main() -> None:
@@ -133,7 +149,11 @@ def main() -> None:
                 f"{mem['hmt']:.1f} MiB |",
                 f"| recall {rc2['task']['distance_segments']} segments back (chance {rc2['task']['chance']:.3f}) | "
                 f"{rc2['no_memory']['accuracy_last_query']:.3f} | {rc2['hmt']['accuracy_last_query']:.3f} |", ""]
-    print("\n".join(out))
+    tables = "\n".join(out)
+    if "--write" in sys.argv[1:]:
+        write_readme(tables)
+    else:
+        print(tables)
 
 
 if __name__ == "__main__":
