@@ -111,7 +111,8 @@ def main() -> None:
         if gc:
             cs = ", ".join(f"{n} {r['compile_s']:.0f} s" for n in ("mamba2", "attention") for r in gc[n][:1])
             out.append("")
-            out.append(f"Compile time (batch 1, once per model and batch size): {cs}.")
+            out.append(f"Compile time in this run (batch 1, once per model and batch size; inductor's on-disk "
+                       f"cache may already have held the kernels): {cs}.")
         out.append("")
     rc = load("recursive")
     if rc:
