@@ -15,9 +15,10 @@ allocator high-water mark:
   parameters and input already allocated; a tiny L=64 pass has done the libraries' lazy
   inits): the extra memory the forward+backward held at its peak - activations, saved
   tensors, gradients, workspace.
-seqlm turns on PyTorch's transparent-huge-page allocation (THP_MEM_ALLOC_ENABLE=1, see
-seqlm/__init__.py; recorded in the JSON): without it the 4 KiB page faults on the large fresh
-activations dominate from 16k tokens on and the SSM ratios were 45-62 instead of ~30.
+The timed runs use the allocator settings ``import seqlm`` applies (seqlm/cpualloc.py: heap
+reuse up to 32 MiB, huge pages above; recorded in the JSON): without them the 4 KiB page
+faults on fresh activations dominate from 16k tokens on and the SSM ratios were 45-62. The
+memory runs set MALLOC_MMAP_THRESHOLD_, which leaves malloc at glibc's behaviour there.
 Attention stops once a pass takes more than ``--max-seconds`` (the rest are listed as
 skipped with the reason). Summary per block: t(Lmax)/t(Lmin) (target <= 40 for SSMs over
 1k -> 32k, i.e. close to the 32x of linear scaling) and the log-log slopes of time and memory.
@@ -153,7 +154,7 @@ def main() -> None:
                                 args.repeats)))
         return
 
-    import seqlm  # noqa: F401  (sets THP_MEM_ALLOC_ENABLE, inherited by the workers)
+    import seqlm  # sets THP_MEM_ALLOC_ENABLE, inherited by the workers (which import seqlm too)
 
     lengths = args.lengths or (QUICK_L if args.quick else FULL_L)
     results = {}
@@ -190,7 +191,7 @@ def main() -> None:
            "dtype": "float32", "threads": args.threads, "lengths": lengths,
            "memory_method": "peak RSS (ru_maxrss) minus RSS before one forward+backward, in a fresh "
                             "subprocess per (block, L) with MALLOC_MMAP_THRESHOLD_=131072",
-           "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+           "cpu_alloc": seqlm.CPU_ALLOC,
            "ssm_target": "t(32k)/t(1k) <= 40", "blocks": results}
     res = ROOT / "bench" / "results" / "scaling.json"
     res.parent.mkdir(parents=True, exist_ok=True)

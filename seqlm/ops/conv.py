@@ -2,7 +2,8 @@
 
 x (B, C, L), weight (C, K), bias (C,) -> y (B, C, L) with y[..., t] depending on
 x[..., t-K+1 .. t]. ``state`` (B, C, K-1) holds the inputs before x (zeros at the start);
-the new state is the last K-1 inputs (contiguous, one layout for every path). Uses causal-conv1d on CUDA when importable.
+the new state is the last K-1 inputs (contiguous, one layout for every path). Uses
+causal-conv1d on CUDA when importable.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ class _ConvTokens(torch.autograd.Function):
         for sl in ops.blocks(L, Bsz * C):
             a = _conv_block(xp, wt, bias, sl)
             if silu:
-                torch.nn.functional.silu(a, inplace=True)
+                F.silu(a, inplace=True)
             y[:, sl] = a
         ctx.save_for_backward(xp, wt, bias)
         ctx.silu = silu

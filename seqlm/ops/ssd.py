@@ -50,13 +50,9 @@ def _segsum_exp(cum: Tensor) -> Tensor:
 #                                   group into one matrix product per chunk; the loop over
 #                                   chunks views them as (b, c, G, N, Hg, P)
 # Everything but the loop over chunks is independent per chunk, and runs over blocks of
-# chunks (``_chunk_blocks``) so that a block's intermediates stay in cache between the
+# chunks (``ops.blocks``) so that a block's intermediates stay in cache between the
 # elementwise passes and the small matrix products (on CPU ~1.5x faster than whole-sequence
 # passes, which are bound by memory bandwidth).
-def _chunk_blocks(K: int, per_chunk: int) -> list[slice]:
-    return ops.blocks(K, per_chunk)
-
-
 class _SSDChunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, h0, D, Q: int):
@@ -74,7 +70,7 @@ class _SSDChunked(torch.autograd.Function):
         w = (cum[:, -1:] - cum).exp_().contiguous()                    # (K, Q, H)
         ecum = cum.exp().contiguous()                                  # (K, Q, H)
         xk, dtk = x.view(K, Q, H, P), dt.view(K, Q, H, 1)
-        blocks = _chunk_blocks(K, Q * H * max(P, Q))
+        blocks = ops.blocks(K, Q * H * max(P, Q))
         # (2) chunk-local final states: s = sum_j exp(cum_Q - cum_j) B_j^T u_j
         s = x.new_empty(K, G, N, Hg * P)
         for kb in blocks:
@@ -119,7 +115,7 @@ class _SSDChunked(torch.autograd.Function):
         gy = gy.reshape(K, Q, H, P) if gy is not None else x.new_zeros(K, Q, H, P)
         outk, S4 = out.view(K, Q, H, P), S.view(K, G, N, Hg * P)
         ecum = cum.exp().contiguous()
-        blocks = _chunk_blocks(K, Q * H * max(P, Q))
+        blocks = ops.blocks(K, Q * H * max(P, Q))
         # Gradient of the log-decays: exp(cum_i) (rows of Lm, y_off) gives <gy_i, out_i>;
         # exp(-cum_j) (columns of Lm, w) gives -dt_j <gu_j, x_j>; exp(cum_last) (w, a) gives
         # <dL/dS_end, S_end> per chunk. No Q x Q pass is needed for it.
