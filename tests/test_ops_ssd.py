@@ -23,11 +23,17 @@ def inputs(b=2, L=21, H=4, P=3, N=5, G=2, dtype=torch.float64, dt_scale=0.5, see
 
 # ops.BLOCK_ELEMS: one block for everything, or (b=2, L=21, Q=8: 6 chunks of 256 elements)
 # blocks of 4 chunks and a ragged block of 2
+# ssd.PIVOT_SPAN_DEFAULT: the default (every head on the factorised intra-chunk product),
+# 6.0 (log-decay spans per chunk of these inputs are 3-9: some (block, head) pairs take the
+# exact per-head decay matrix, some not), 0.0 (all exact)
+@pytest.mark.parametrize("pivot_span", [None, 6.0, 0.0])
 @pytest.mark.parametrize("block_elems", [1 << 18, 1024])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
 @pytest.mark.parametrize("G", [1, 2])
-def test_scan_matches_ref_values_and_grads(dtype, tol, G, block_elems, monkeypatch):
+def test_scan_matches_ref_values_and_grads(dtype, tol, G, block_elems, pivot_span, monkeypatch):
     monkeypatch.setattr(ops, "BLOCK_ELEMS", block_elems)
+    if pivot_span is not None:
+        monkeypatch.setattr(ssd, "PIVOT_SPAN_DEFAULT", pivot_span)
     args = [t.requires_grad_() for t in inputs(G=G, dtype=dtype)]
     x, dt, A, B, C, D, h0 = args
     y, h = ssd_scan(x, dt, A, B, C, 8, D, h0)
@@ -41,9 +47,12 @@ def test_scan_matches_ref_values_and_grads(dtype, tol, G, block_elems, monkeypat
         torch.testing.assert_close(a, b, rtol=tol, atol=tol * 10, msg=f"grad {name}")
 
 
+@pytest.mark.parametrize("pivot_span", [None, 3.0])  # 3.0: mixed at Q = 4, all exact at Q = 7
 @pytest.mark.parametrize("Q", [1, 4, 7])
-def test_gradcheck_fp64(Q, monkeypatch):
+def test_gradcheck_fp64(Q, pivot_span, monkeypatch):
     monkeypatch.setattr(ops, "BLOCK_ELEMS", 2 * Q * 2 * max(2, Q))  # blocks of 2 chunks
+    if pivot_span is not None:
+        monkeypatch.setattr(ssd, "PIVOT_SPAN_DEFAULT", pivot_span)
     args = [t.requires_grad_() for t in inputs(b=1, L=9, H=2, P=2, N=3, G=1)]
     assert torch.autograd.gradcheck(lambda x, dt, A, B, C, D, h0: ssd_scan(x, dt, A, B, C, Q, D, h0), args)
 
@@ -115,6 +124,31 @@ def test_strong_decay_stays_finite_and_exact():
     torch.testing.assert_close(ssd_scan(x, dt, A, B, C, 16, D, h0)[0], yr)
 
 
+def test_pivot_flags_fast_decaying_heads_and_both_paths_agree_with_ref():
+    """Heads whose log-decay spans more than PIVOT_SPAN within a chunk take the exact per-head
+    decay matrix; the rest the factorised product. Mixed in one call, fp32, default limit."""
+    x, dt, A, B, C, D, h0 = inputs(b=1, L=64, H=4, P=3, N=5, G=2, dt_scale=0.5)
+    dt = torch.full_like(dt, 0.5)
+    A = torch.tensor([-0.5, -6.0, -1.0, -8.0], dtype=A.dtype)  # spans over 16 tokens: 4, 48, 8, 64
+    A[3] = -9.0                                                  # 72 > 64
+    cum = (dt * A).view(1, 4, 16, 4).cumsum(2)[0]                # (chunks, Q, H)
+    _, em, bad = ssd._pivot(cum.float())
+    assert bad.tolist() == [3] and torch.all(em[..., 3] == 0) and torch.isfinite(em).all()
+    args = [t.float().requires_grad_() for t in (x, dt, A, B, C, D, h0)]
+    y, h = ssd_scan(*args[:5], 16, args[5], args[6])
+    yr, hr = ssd_ref(*(t.detach().double().requires_grad_() for t in args[:5]), D, h0)
+    torch.testing.assert_close(y.double(), yr, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h.double(), hr, rtol=1e-4, atol=1e-4)
+    (y.sum() + h.sum()).backward()
+    assert all(torch.isfinite(t.grad).all() for t in args)
+
+
+def test_pivot_span_is_tighter_for_fp16():
+    c = torch.linspace(0, -20, 8).view(1, 8, 1).expand(1, 8, 2).contiguous()
+    assert ssd._pivot(c)[2] is None
+    assert ssd._pivot(c.half())[2].tolist() == [0, 1]
+
+
 def test_matrix_matches_ref():
     x, dt, A, B, C, D, _ = inputs(L=13)
     T = ssd_matrix(dt, A, B, C, D)  # (b, H, L, L)
@@ -179,9 +213,12 @@ def test_bad_groups_is_a_clear_error():
         ssd_scan(x, dt, A, B[..., :1, :].expand(-1, -1, 3, -1), C[..., :1, :].expand(-1, -1, 3, -1), 4)
 
 
+@pytest.mark.parametrize("pivot_span", [None, 9.0])  # 9.0: heads 0, 1, 3 exact, head 2 factorised
 @pytest.mark.parametrize("G", [1, 2])
-def test_single_chunk_stateless_path_matches_ref(G):
+def test_single_chunk_stateless_path_matches_ref(G, pivot_span, monkeypatch):
     """return_state=False with no h0 and L <= chunk takes the intra-chunk-only kernel."""
+    if pivot_span is not None:
+        monkeypatch.setattr(ssd, "PIVOT_SPAN_DEFAULT", pivot_span)
     x, dt, A, B, C, D, _ = inputs(G=G, L=13)
     args = [t.requires_grad_() for t in (x, dt, A, B, C, D)]
     y, h = ssd_scan(*args[:5], 16, args[5], None, return_state=False)

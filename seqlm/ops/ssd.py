@@ -42,10 +42,88 @@ def _segsum_exp(cum: Tensor) -> Tensor:
 
 
 # -------------------------------------------------------------------------------------
+# Intra-chunk product y_i = sum_{j<=i} T_ij exp(c_i - c_j) u_j  (T = tril(C B^T) per group,
+# c the cumulative log-decays of the head, u = dt x).
+#
+# The decay factorises about a pivot r: exp(c_i - c_j) = exp(c_i - r) exp(r - c_j). With
+# ep = exp(c - r) and em = exp(r - c) the product is ep * (T @ (em * u)): one matrix product
+# per chunk and group over all Hg heads of the group (T is shared by them), with no per-head
+# Q x Q decay matrix at all. It is exact algebra; the only risk is range: with r at the middle
+# of the head's log-decays in the chunk, both factors stay within exp(+-span/2). A (block,
+# head) whose span exceeds PIVOT_SPAN (fast-decaying heads: dt * |A| summed over the chunk)
+# gets em = 0 there, so the fast product gives 0 for it, and its exact contribution is
+# added from the masked per-head Q x Q matrix (``_segsum_exp``), as in the minimal listing.
+PIVOT_SPAN = {torch.float16: 12.0}   # per dtype; others use PIVOT_SPAN_DEFAULT
+PIVOT_SPAN_DEFAULT = 64.0            # factors within exp(+-32) ~ 8e13: far from fp32/bf16 limits
+
+
+def _pivot(c: Tensor):
+    """c (n, Q, H) cumulative log-decays of n chunks -> ep, em (n, Q, H) and the heads
+    (LongTensor, or None) whose span in some chunk exceeds the limit (their em is 0)."""
+    hi, lo = c.amax(1, keepdim=True), c.amin(1, keepdim=True)
+    bad = ((hi - lo)[:, 0] > PIVOT_SPAN.get(c.dtype, PIVOT_SPAN_DEFAULT)).any(0)   # (H,)
+    d = c - (hi + lo) * 0.5
+    if not bool(bad.any()):
+        return d.exp(), d.neg_().exp_(), None
+    d.masked_fill_(bad, 0.0)
+    return d.exp(), d.neg_().exp_().masked_fill_(bad, 0.0), bad.nonzero()[:, 0]
+
+
+def _grouped(t: Tensor, G: int) -> Tensor:
+    """token-major (n, Q, H, P) -> (n, G, Q, Hg*P): the operand of the per-group products
+    (a view of a contiguous t)."""
+    n, Q, H, P = t.shape
+    return t.reshape(n, Q, G, (H // G) * P).transpose(1, 2)
+
+
+def _tokens(t: Tensor, H: int) -> Tensor:
+    """(n, G, Q, Hg*P) -> token-major (n, Q, H, P) (a view when G = 1, else a copy)."""
+    n, G, Q, HgP = t.shape
+    return t.transpose(1, 2).reshape(n, Q, H, HgP * G // H)
+
+
+def _exact_parts(T, cumT, xb, dtb, hb):
+    """Per-head Q x Q matrices of the heads hb: Lm (decays, 0 above the diagonal), M = Lm T,
+    and u = dt x head-major (n, m, Q, P)."""
+    Hg = xb.shape[2] // T.shape[1]
+    Lm = _segsum_exp(cumT[:, hb])                                      # (n, m, Q, Q)
+    M = Lm * T[:, hb // Hg]
+    u = (xb[:, :, hb] * dtb[:, :, hb]).transpose(1, 2)                 # (n, m, Q, P)
+    return Lm, M, u
+
+
+def _intra_fwd(T, cumT, xb, dtb):
+    """T (n, G, Q, Q) lower-triangular, cumT (n, H, Q), xb (n, Q, H, P), dtb (n, Q, H, 1)
+    -> y (n, Q, H, P)."""
+    G, H = T.shape[1], xb.shape[2]
+    ep, em, hb = _pivot(cumT.transpose(1, 2))
+    y = _tokens(T @ _grouped(xb * (dtb * em[..., None]), G), H).mul_(ep[..., None])
+    if hb is not None:
+        _, M, u = _exact_parts(T, cumT, xb, dtb, hb)
+        y.index_add_(2, hb, (M @ u).transpose(1, 2))
+    return y
+
+
+def _intra_bwd(T, cumT, xb, dtb, gyb):
+    """Gradients of ``_intra_fwd`` for T (lower triangle, (n, G, Q, Q)) and u = dt x
+    (token-major (n, Q, H, P))."""
+    G, H = T.shape[1], xb.shape[2]
+    ep, em, hb = _pivot(cumT.transpose(1, 2))
+    gz = _grouped(gyb * ep[..., None], G)                              # (n, G, Q, Hg P)
+    gT = (gz @ _grouped(xb * (dtb * em[..., None]), G).mT).tril_()      # (n, G, Q, Q)
+    gu = _tokens(T.mT @ gz, H).mul_(em[..., None])
+    if hb is not None:
+        Lm, M, u = _exact_parts(T, cumT, xb, dtb, hb)
+        gyh = gyb[:, :, hb].transpose(1, 2)                            # (n, m, Q, P)
+        gu.index_add_(2, hb, (M.mT @ gyh).transpose(1, 2))
+        gT.index_add_(1, hb // (H // G), (gyh @ u.mT).mul_(Lm))
+    return gT, gu
+
+
+# -------------------------------------------------------------------------------------
 # Layouts inside the chunked kernel (k = (batch, chunk) pair, K = b * L/Q of them; Q = position
 # in the chunk; Hg = heads per group):
 #   token-major  (K, Q, H, P)       x, u = dt x, outputs
-#   head-major   (K, H, Q, P)       operand of the per-head Q x Q products
 #   states       (K, G, N, Hg*P)    "N-major", so C @ S and B^T @ u fold all heads of a
 #                                   group into one matrix product per chunk; the loop over
 #                                   chunks views them as (b, c, G, N, Hg, P)
@@ -64,7 +142,7 @@ class _SSDChunked(torch.autograd.Function):
         cum = cumT.transpose(1, 2)                                     # (K, Q, H) view
         Bc = B.view(K, Q, G, N).transpose(1, 2).contiguous()           # (K, G, Q, N)
         Cc = C.view(K, Q, G, N).transpose(1, 2).contiguous()
-        CB = Cc @ Bc.mT                                                # (K, G, Q, Q)
+        T = (Cc @ Bc.mT).tril_()                                       # (K, G, Q, Q)
         # per-token decay factors, token-major and contiguous (exp of the transposed view
         # would keep its strides, and every broadcast multiply with them would be strided)
         w = (cum[:, -1:] - cum).exp_().contiguous()                    # (K, Q, H)
@@ -74,8 +152,7 @@ class _SSDChunked(torch.autograd.Function):
         # (2) chunk-local final states: s = sum_j exp(cum_Q - cum_j) B_j^T u_j
         s = x.new_empty(K, G, N, Hg * P)
         for kb in blocks:
-            v = (xk[kb] * (dtk[kb] * w[kb, ..., None])).view(-1, Q, G, Hg * P).transpose(1, 2)
-            torch.matmul(Bc[kb].mT, v, out=s[kb])
+            torch.matmul(Bc[kb].mT, _grouped(xk[kb] * (dtk[kb] * w[kb, ..., None]), G), out=s[kb])
         # (3) pass states: S_in[c] = a_{c-1} S_in[c-1] + s[c-1], a linear loop over chunks
         a = cumT[..., -1].exp().reshape(b, nc, G, 1, Hg, 1)            # chunk decays
         S = torch.empty_like(s).view(b, nc, G, N, Hg, P)
@@ -85,40 +162,40 @@ class _SSDChunked(torch.autograd.Function):
             torch.addcmul(s6[:, c - 1], S[:, c - 1], a[:, c - 1], out=S[:, c])
         h_last = torch.addcmul(s6[:, -1], S[:, -1], a[:, -1])          # (b, G, N, Hg, P)
         del s, s6
-        # (1) intra-chunk y_i = sum_{j<=i} (C_i.B_j) exp(cum_i - cum_j) u_j, plus
-        # (4) the incoming state's contribution exp(cum_i) C_i . S_in
+        # (4) the incoming state's contribution exp(cum_i) C_i . S_in, plus (1) the
+        # intra-chunk part
         S4 = S.view(K, G, N, Hg * P)
         out = torch.empty_like(xk)
         for kb in blocks:
-            n = kb.stop - kb.start
-            M = (_segsum_exp(cumT[kb]).view(n, G, Hg, Q, Q) * CB[kb, :, None]).view(n, H, Q, Q)
-            y = M @ (xk[kb] * dtk[kb]).transpose(1, 2)                 # (n, H, Q, P)
-            y_off = (Cc[kb] @ S4[kb]).view(n, G, Q, Hg, P).transpose(1, 2).reshape(n, Q, H, P)
-            torch.add(y_off.mul_(ecum[kb, ..., None]), y.transpose(1, 2), out=out[kb])
+            if G == 1:
+                torch.matmul(Cc[kb], S4[kb], out=out[kb].view(-1, 1, Q, H * P))
+            else:
+                out[kb] = _tokens(Cc[kb] @ S4[kb], H)
+            out[kb].mul_(ecum[kb, ..., None]).add_(_intra_fwd(T[kb], cumT[kb], xk[kb], dtk[kb]))
             if D is not None:  # the D x skip, fused here while the block is in cache
                 out[kb].addcmul_(xk[kb], D[:, None])
         out = out.view(b, L, H, P)
-        ctx.save_for_backward(x, dt, A, Bc, Cc, cumT, CB, w, a, S, h_last, out, D)
+        ctx.save_for_backward(x, dt, A, Bc, Cc, cumT, T, w, a, S, h_last, out, D)
         ctx.Q = Q
         # contiguous (b, H, P, N): decode steps then run on a dense state
         return out, h_last.permute(0, 1, 3, 4, 2).contiguous().view(b, H, P, N)
 
     @staticmethod
     def backward(ctx, gy, gh):
-        x, dt, A, Bc, Cc, cumT, CB, w, a, S, h_last, out, D = ctx.saved_tensors
+        x, dt, A, Bc, Cc, cumT, T, w, a, S, h_last, out, D = ctx.saved_tensors
         Q = ctx.Q
         b, L, H, P = x.shape
         nc, G, N = L // Q, Bc.shape[1], Bc.shape[3]
         Hg, K = H // G, b * (L // Q)
         cum = cumT.transpose(1, 2)                                     # (K, Q, H) view
         xk, dtk = x.view(K, Q, H, P), dt.view(K, Q, H, 1)
-        gy = gy.reshape(K, Q, H, P) if gy is not None else x.new_zeros(K, Q, H, P)
+        gy = gy.contiguous().view(K, Q, H, P) if gy is not None else x.new_zeros(K, Q, H, P)
         outk, S4 = out.view(K, Q, H, P), S.view(K, G, N, Hg * P)
         ecum = cum.exp().contiguous()
         blocks = ops.blocks(K, Q * H * max(P, Q))
-        # Gradient of the log-decays: exp(cum_i) (rows of Lm, y_off) gives <gy_i, out_i>;
-        # exp(-cum_j) (columns of Lm, w) gives -dt_j <gu_j, x_j>; exp(cum_last) (w, a) gives
-        # <dL/dS_end, S_end> per chunk. No Q x Q pass is needed for it.
+        # Gradient of the log-decays: exp(cum_i) (rows of the decays, y_off) gives
+        # <gy_i, out_i>; exp(-cum_j) (columns, w) gives -dt_j <gu_j, x_j>; exp(cum_last)
+        # (w, a) gives <dL/dS_end, S_end> per chunk. No Q x Q pass is needed for it.
         gcum = x.new_empty(K, Q, H)
         gC = x.new_empty(K, G, Q, N)
         gS = torch.empty_like(S)                                       # (b, c, G, N, Hg, P)
@@ -130,7 +207,7 @@ class _SSDChunked(torch.autograd.Function):
             else:  # <gy, out - D x>, and dL/dD
                 torch.linalg.vecdot(gy[kb], torch.addcmul(outk[kb], xk[kb], D[:, None], value=-1), out=gcum[kb])
                 gD += torch.linalg.vecdot(gy[kb], xk[kb]).sum((0, 1))
-            gZ = (gy[kb] * ecum[kb, ..., None]).view(-1, Q, G, Hg * P).transpose(1, 2)
+            gZ = _grouped(gy[kb] * ecum[kb, ..., None], G)
             torch.matmul(gZ, S4[kb].mT, out=gC[kb])                    # (n, G, Q, N)
             torch.matmul(Cc[kb].mT, gZ, out=gS4[kb])
         # (3) reverse loop: gs[c] = dL/dS_end[c];  dL/dS_end[c-1] = gS[c] + a_c gs[c]
@@ -151,24 +228,14 @@ class _SSDChunked(torch.autograd.Function):
         gB = x.new_empty(K, G, Q, N)
         gx, gux = torch.empty_like(xk), x.new_empty(K, Q, H)
         for kb in blocks:
-            n = kb.stop - kb.start
             xb, dtb, wb = xk[kb], dtk[kb], w[kb, ..., None]
             # (2) s = B^T v, v = w dt x
-            v = (xb * (dtb * wb)).view(n, Q, G, Hg * P).transpose(1, 2)
-            torch.matmul(v, gs4[kb].mT, out=gB[kb])                    # (n, G, Q, N)
-            gv = (Bc[kb] @ gs4[kb]).view(n, G, Q, Hg, P).transpose(1, 2).reshape(n, Q, H, P)
-            # (1) y = M @ uh, M = Lm * CB (Lm, M and uh recomputed: 2 H Q + P floats per
-            # token not held between forward and backward)
-            Lm = _segsum_exp(cumT[kb])                                 # (n, H, Q, Q)
-            M = (Lm.view(n, G, Hg, Q, Q) * CB[kb, :, None]).view(n, H, Q, Q)
-            uh = (xb * dtb).transpose(1, 2)                            # (n, H, Q, P) view
-            gyh = gy[kb].transpose(1, 2).contiguous()                  # (n, H, Q, P)
-            gM = gyh @ uh.mT                                           # (n, H, Q, Q)
-            gu = (M.mT @ gyh).transpose(1, 2).addcmul(gv, wb)          # dL/du (n, Q, H, P)
-            gCB = gM.mul_(Lm).view(n, G, Hg, Q, Q)
-            gCB = gCB[:, :, 0] if Hg == 1 else gCB.sum(2)              # (n, G, Q, Q)
-            gC[kb] += gCB @ Bc[kb]
-            gB[kb] += gCB.mT @ Cc[kb]
+            torch.matmul(_grouped(xb * (dtb * wb), G), gs4[kb].mT, out=gB[kb])  # (n, G, Q, N)
+            # (1) the intra-chunk product; gu = dL/du
+            gT, gu = _intra_bwd(T[kb], cumT[kb], xb, dtb, gy[kb])
+            gu.addcmul_(_tokens(Bc[kb] @ gs4[kb], H), wb)
+            gC[kb] += gT @ Bc[kb]
+            gB[kb] += gT.mT @ Cc[kb]
             torch.linalg.vecdot(gu, xb, out=gux[kb])                   # (n, Q, H)
             torch.mul(gu, dtb, out=gx[kb])
             if D is not None:
@@ -185,39 +252,27 @@ class _SSDChunked(torch.autograd.Function):
 
 class _SSDIntra(torch.autograd.Function):
     """One chunk, zero initial state, final state not wanted (training on windows no longer
-    than the chunk): only the intra-chunk product ``y = (L * C B^T) @ (dt x)`` is needed, which
-    skips the state terms (about half the work at short training windows)."""
+    than the chunk): only the intra-chunk product is needed, which skips the state terms
+    (about half the work at short training windows)."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C):
-        b, L, H, P = x.shape
-        G, N = B.shape[2], B.shape[3]
-        Hg = H // G
         cumT = (dt * A).transpose(1, 2).contiguous().cumsum(-1)                  # (b, H, L)
         Bh, Ch = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()  # (b, G, L, N)
-        Lm = _segsum_exp(cumT)                                                    # (b, H, L, L)
-        M = (Lm.view(b, G, Hg, L, L) * (Ch @ Bh.mT)[:, :, None]).view(b, H, L, L)
-        uh = (x * dt[..., None]).transpose(1, 2).contiguous()                    # (b, H, L, P)
-        out = (M @ uh).transpose(1, 2)                                            # (b, L, H, P)
-        ctx.save_for_backward(x, dt, A, Bh, Ch, Lm, M, uh, out)
+        T = (Ch @ Bh.mT).tril_()                                                  # (b, G, L, L)
+        out = _intra_fwd(T, cumT, x, dt[..., None])                               # (b, L, H, P)
+        ctx.save_for_backward(x, dt, A, Bh, Ch, cumT, T, out)
         return out
 
     @staticmethod
     def backward(ctx, gy):
-        x, dt, A, Bh, Ch, Lm, M, uh, out = ctx.saved_tensors
-        b, L, H, P = x.shape
-        G = Bh.shape[1]
-        Hg = H // G
-        gyh = gy.transpose(1, 2).contiguous()                                     # (b, H, L, P)
-        gM = gyh @ uh.mT                                                          # (b, H, L, L)
-        gu = (M.mT @ gyh).transpose(1, 2)                                         # (b, L, H, P)
+        x, dt, A, Bh, Ch, cumT, T, out = ctx.saved_tensors
+        gT, gu = _intra_bwd(T, cumT, x, dt[..., None], gy.contiguous())
         # d/dcum: rows exp(cum_i) give <gy_i, out_i>, columns exp(-cum_j) give -dt_j <gu_j, x_j>
-        gux = (gu * x).sum(-1)                                                    # (b, L, H)
-        gcum = (gy * out).sum(-1) - gux * dt
-        gCB = gM.mul_(Lm).view(b, G, Hg, L, L)
-        gCB = gCB[:, :, 0] if Hg == 1 else gCB.sum(2)                             # (b, G, L, L)
-        gC = (gCB @ Bh).transpose(1, 2)
-        gB = (gCB.mT @ Ch).transpose(1, 2)
+        gux = torch.linalg.vecdot(gu, x)                                          # (b, L, H)
+        gcum = torch.linalg.vecdot(gy, out) - gux * dt
+        gC = (gT @ Bh).transpose(1, 2)
+        gB = (gT.mT @ Ch).transpose(1, 2)
         gdA = gcum - gcum.cumsum(1) + gcum.sum(1, keepdim=True)                    # reverse cumsum
         gx = gu * dt[..., None]
         gdt = gdA * A + gux
