@@ -106,9 +106,15 @@ class Mamba2(Block):
         return x, B, C, dt, -torch.exp(self.A_log)
 
     def _out(self, y, z):
-        """Gated RMSNorm (per group, like mamba-ssm's RMSNormGated) then out_proj."""
-        y = gated_rms_norm(y, z, self.norm.weight, self.norm.eps, self.d_inner // self.G)
-        return self.out_proj(y)
+        """Gated RMSNorm (per group, like mamba-ssm's RMSNormGated) then out_proj. Over many
+        tokens the norm's scale is folded into out_proj's columns, (n * w) @ W^T =
+        n @ (W * w)^T: a product over the small weight instead of passes over the
+        activations (and their gradients)."""
+        group = self.d_inner // self.G
+        if y.numel() >= self.out_proj.weight.numel():
+            n = gated_rms_norm(y, z, None, self.norm.eps, group)
+            return F.linear(n, self.out_proj.weight * self.norm.weight, self.out_proj.bias)
+        return self.out_proj(gated_rms_norm(y, z, self.norm.weight, self.norm.eps, group))
 
     # -- the interface ------------------------------------------------------------------
     def forward(self, x, state=None):
