@@ -132,8 +132,8 @@ def test_pivot_flags_fast_decaying_heads_and_both_paths_agree_with_ref():
     A = torch.tensor([-0.5, -6.0, -1.0, -8.0], dtype=A.dtype)  # spans over 16 tokens: 4, 48, 8, 64
     A[3] = -9.0                                                  # 72 > 64
     cum = (dt * A).view(1, 4, 16, 4).cumsum(2)[0]                # (chunks, Q, H)
-    _, em, bad = ssd._pivot(cum.float())
-    assert bad.tolist() == [3] and torch.all(em[..., 3] == 0) and torch.isfinite(em).all()
+    _, em, bad = ssd._pivot(cum.float(), [slice(0, 2), slice(2, 4)])
+    assert [b.tolist() for b in bad] == [[3], [3]] and torch.all(em[..., 3] == 0) and torch.isfinite(em).all()
     args = [t.float().requires_grad_() for t in (x, dt, A, B, C, D, h0)]
     y, h = ssd_scan(*args[:5], 16, args[5], args[6])
     yr, hr = ssd_ref(*(t.detach().double().requires_grad_() for t in args[:5]), D, h0)
@@ -145,8 +145,17 @@ def test_pivot_flags_fast_decaying_heads_and_both_paths_agree_with_ref():
 
 def test_pivot_span_is_tighter_for_fp16():
     c = torch.linspace(0, -20, 8).view(1, 8, 1).expand(1, 8, 2).contiguous()
-    assert ssd._pivot(c)[2] is None
-    assert ssd._pivot(c.half())[2].tolist() == [0, 1]
+    assert ssd._pivot(c, [slice(0, 1)])[2] == [None]
+    assert ssd._pivot(c.half(), [slice(0, 1)])[2][0].tolist() == [0, 1]
+
+
+def test_pivot_marks_exact_heads_per_block_of_chunks():
+    # 3 chunks, 2 heads; head 1 spans 100 in chunk 2 only: exact in the second block alone
+    c = torch.zeros(3, 4, 2)
+    c[2, :, 1] = torch.linspace(0, -100, 4)
+    ep, em, heads = ssd._pivot(c, [slice(0, 2), slice(2, 3)])
+    assert heads[0] is None and heads[1].tolist() == [1]
+    assert torch.all(em[2, :, 1] == 0) and torch.all(em[:2] > 0) and torch.isfinite(ep).all()
 
 
 def test_matrix_matches_ref():

@@ -57,16 +57,22 @@ PIVOT_SPAN = {torch.float16: 12.0}   # per dtype; others use PIVOT_SPAN_DEFAULT
 PIVOT_SPAN_DEFAULT = 64.0            # factors within exp(+-32) ~ 8e13: far from fp32/bf16 limits
 
 
-def _pivot(c: Tensor):
-    """c (n, Q, H) cumulative log-decays of n chunks -> ep, em (n, Q, H) and the heads
-    (LongTensor, or None) whose span in some chunk exceeds the limit (their em is 0)."""
+def _pivot(c: Tensor, blocks: list[slice]):
+    """c (K, Q, H) cumulative log-decays of K chunks -> ep, em (K, Q, H) and, per block of
+    chunks, the heads (LongTensor, or None) whose span in some chunk of the block exceeds the
+    limit: their em is 0 throughout the block, and they take the exact per-head product."""
     hi, lo = c.amax(1, keepdim=True), c.amin(1, keepdim=True)
-    bad = ((hi - lo)[:, 0] > PIVOT_SPAN.get(c.dtype, PIVOT_SPAN_DEFAULT)).any(0)   # (H,)
+    over = (hi - lo)[:, 0] > PIVOT_SPAN.get(c.dtype, PIVOT_SPAN_DEFAULT)         # (K, H)
     d = c - (hi + lo) * 0.5
-    if not bool(bad.any()):
-        return d.exp(), d.neg_().exp_(), None
-    d.masked_fill_(bad, 0.0)
-    return d.exp(), d.neg_().exp_().masked_fill_(bad, 0.0), bad.nonzero()[:, 0]
+    if not bool(over.any()):
+        return d.exp(), d.neg_().exp_(), [None] * len(blocks)
+    exact, heads = torch.zeros_like(over), []
+    for kb in blocks:
+        hb = over[kb].any(0)
+        heads.append(hb.nonzero()[:, 0] if bool(hb.any()) else None)
+        exact[kb] = hb
+    d.masked_fill_(exact[:, None], 0.0)
+    return d.exp(), d.neg_().exp_().masked_fill_(exact[:, None], 0.0), heads
 
 
 def _grouped(t: Tensor, G: int) -> Tensor:
@@ -92,11 +98,10 @@ def _exact_parts(T, cumT, xb, dtb, hb):
     return Lm, M, u
 
 
-def _intra_fwd(T, cumT, xb, dtb):
-    """T (n, G, Q, Q) lower-triangular, cumT (n, H, Q), xb (n, Q, H, P), dtb (n, Q, H, 1)
-    -> y (n, Q, H, P)."""
+def _intra_fwd(T, cumT, xb, dtb, ep, em, hb):
+    """T (n, G, Q, Q) lower-triangular, cumT (n, H, Q), xb (n, Q, H, P), dtb (n, Q, H, 1),
+    pivot factors ep, em (n, Q, H) and exact heads hb (``_pivot``) -> y (n, Q, H, P)."""
     G, H = T.shape[1], xb.shape[2]
-    ep, em, hb = _pivot(cumT.transpose(1, 2))
     y = _tokens(T @ _grouped(xb * (dtb * em[..., None]), G), H).mul_(ep[..., None])
     if hb is not None:
         _, M, u = _exact_parts(T, cumT, xb, dtb, hb)
@@ -104,11 +109,10 @@ def _intra_fwd(T, cumT, xb, dtb):
     return y
 
 
-def _intra_bwd(T, cumT, xb, dtb, gyb):
+def _intra_bwd(T, cumT, xb, dtb, ep, em, hb, gyb):
     """Gradients of ``_intra_fwd`` for T (lower triangle, (n, G, Q, Q)) and u = dt x
     (token-major (n, Q, H, P))."""
     G, H = T.shape[1], xb.shape[2]
-    ep, em, hb = _pivot(cumT.transpose(1, 2))
     gz = _grouped(gyb * ep[..., None], G)                              # (n, G, Q, Hg P)
     gT = (gz @ _grouped(xb * (dtb * em[..., None]), G).mT).tril_()      # (n, G, Q, Q)
     gu = _tokens(T.mT @ gz, H).mul_(em[..., None])
@@ -149,6 +153,7 @@ class _SSDChunked(torch.autograd.Function):
         ecum = cum.exp().contiguous()                                  # (K, Q, H)
         xk, dtk = x.view(K, Q, H, P), dt.view(K, Q, H, 1)
         blocks = ops.blocks(K, Q * H * max(P, Q))
+        ep, em, exact = _pivot(cum, blocks)
         # (2) chunk-local final states: s = sum_j exp(cum_Q - cum_j) B_j^T u_j
         s = x.new_empty(K, G, N, Hg * P)
         for kb in blocks:
@@ -166,23 +171,23 @@ class _SSDChunked(torch.autograd.Function):
         # intra-chunk part
         S4 = S.view(K, G, N, Hg * P)
         out = torch.empty_like(xk)
-        for kb in blocks:
+        for kb, hb in zip(blocks, exact):
             if G == 1:
                 torch.matmul(Cc[kb], S4[kb], out=out[kb].view(-1, 1, Q, H * P))
             else:
                 out[kb] = _tokens(Cc[kb] @ S4[kb], H)
-            out[kb].mul_(ecum[kb, ..., None]).add_(_intra_fwd(T[kb], cumT[kb], xk[kb], dtk[kb]))
+            out[kb].mul_(ecum[kb, ..., None]).add_(_intra_fwd(T[kb], cumT[kb], xk[kb], dtk[kb], ep[kb], em[kb], hb))
             if D is not None:  # the D x skip, fused here while the block is in cache
                 out[kb].addcmul_(xk[kb], D[:, None])
         out = out.view(b, L, H, P)
-        ctx.save_for_backward(x, dt, A, Bc, Cc, cumT, T, w, a, S, h_last, out, D)
-        ctx.Q = Q
+        ctx.save_for_backward(x, dt, A, Bc, Cc, cumT, T, w, a, S, h_last, out, D, ep, em)
+        ctx.Q, ctx.exact = Q, exact
         # contiguous (b, H, P, N): decode steps then run on a dense state
         return out, h_last.permute(0, 1, 3, 4, 2).contiguous().view(b, H, P, N)
 
     @staticmethod
     def backward(ctx, gy, gh):
-        x, dt, A, Bc, Cc, cumT, T, w, a, S, h_last, out, D = ctx.saved_tensors
+        x, dt, A, Bc, Cc, cumT, T, w, a, S, h_last, out, D, ep, em = ctx.saved_tensors
         Q = ctx.Q
         b, L, H, P = x.shape
         nc, G, N = L // Q, Bc.shape[1], Bc.shape[3]
@@ -202,11 +207,11 @@ class _SSDChunked(torch.autograd.Function):
         gS4 = gS.view(K, G, N, Hg * P)
         gD = None if D is None else torch.zeros_like(D)
         for kb in blocks:  # (4) y_off = exp(cum) * (C @ S_in)
-            if D is None:
-                torch.linalg.vecdot(gy[kb], outk[kb], out=gcum[kb])
-            else:  # <gy, out - D x>, and dL/dD
-                torch.linalg.vecdot(gy[kb], torch.addcmul(outk[kb], xk[kb], D[:, None], value=-1), out=gcum[kb])
-                gD += torch.linalg.vecdot(gy[kb], xk[kb]).sum((0, 1))
+            torch.linalg.vecdot(gy[kb], outk[kb], out=gcum[kb])
+            if D is not None:  # <gy, out - D x> = <gy, out> - D <gy, x>, and dL/dD = sum <gy, x>
+                gyx = torch.linalg.vecdot(gy[kb], xk[kb])
+                gcum[kb].addcmul_(gyx, D, value=-1)
+                gD += gyx.sum((0, 1))
             gZ = _grouped(gy[kb] * ecum[kb, ..., None], G)
             torch.matmul(gZ, S4[kb].mT, out=gC[kb])                    # (n, G, Q, N)
             torch.matmul(Cc[kb].mT, gZ, out=gS4[kb])
@@ -227,12 +232,12 @@ class _SSDChunked(torch.autograd.Function):
         gs4 = gs.view(K, G, N, Hg * P)
         gB = x.new_empty(K, G, Q, N)
         gx, gux = torch.empty_like(xk), x.new_empty(K, Q, H)
-        for kb in blocks:
+        for kb, hb in zip(blocks, ctx.exact):
             xb, dtb, wb = xk[kb], dtk[kb], w[kb, ..., None]
             # (2) s = B^T v, v = w dt x
             torch.matmul(_grouped(xb * (dtb * wb), G), gs4[kb].mT, out=gB[kb])  # (n, G, Q, N)
             # (1) the intra-chunk product; gu = dL/du
-            gT, gu = _intra_bwd(T[kb], cumT[kb], xb, dtb, gy[kb])
+            gT, gu = _intra_bwd(T[kb], cumT[kb], xb, dtb, ep[kb], em[kb], hb, gy[kb])
             gu.addcmul_(_tokens(Bc[kb] @ gs4[kb], H), wb)
             gC[kb] += gT @ Bc[kb]
             gB[kb] += gT.mT @ Cc[kb]
@@ -260,14 +265,16 @@ class _SSDIntra(torch.autograd.Function):
         cumT = (dt * A).transpose(1, 2).contiguous().cumsum(-1)                  # (b, H, L)
         Bh, Ch = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()  # (b, G, L, N)
         T = (Ch @ Bh.mT).tril_()                                                  # (b, G, L, L)
-        out = _intra_fwd(T, cumT, x, dt[..., None])                               # (b, L, H, P)
-        ctx.save_for_backward(x, dt, A, Bh, Ch, cumT, T, out)
+        ep, em, (hb,) = _pivot(cumT.transpose(1, 2), [slice(0, x.shape[0])])
+        out = _intra_fwd(T, cumT, x, dt[..., None], ep, em, hb)                   # (b, L, H, P)
+        ctx.save_for_backward(x, dt, A, Bh, Ch, cumT, T, out, ep, em)
+        ctx.hb = hb
         return out
 
     @staticmethod
     def backward(ctx, gy):
-        x, dt, A, Bh, Ch, cumT, T, out = ctx.saved_tensors
-        gT, gu = _intra_bwd(T, cumT, x, dt[..., None], gy.contiguous())
+        x, dt, A, Bh, Ch, cumT, T, out, ep, em = ctx.saved_tensors
+        gT, gu = _intra_bwd(T, cumT, x, dt[..., None], ep, em, ctx.hb, gy.contiguous())
         # d/dcum: rows exp(cum_i) give <gy_i, out_i>, columns exp(-cum_j) give -dt_j <gu_j, x_j>
         gux = torch.linalg.vecdot(gu, x)                                          # (b, L, H)
         gcum = torch.linalg.vecdot(gy, out) - gux * dt
