@@ -85,7 +85,7 @@ def main() -> None:
         for k, r in hf["results"].items():
             if r.get("status") == "ok":
                 out.append(f"| {k} | {r['L']} | {r['max_abs_diff_y']:.1e} | {r['fwd_bwd_s_seqlm']:.2f} s | "
-                           f"{r['fwd_bwd_s_hf']:.2f} s | {r['speedup']:.1f}x |")
+                           f"{r['fwd_bwd_s_hf']:.2f} s | {r['speedup']:.2f}x |")
         out.append("")
     dc = load("decode")
     if dc:
