@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("--lengths", nargs="+", type=int, default=None)
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-seconds", type=float, default=60.0,
                     help="stop a block's sweep once one pass takes longer than this")
     ap.add_argument("--worker", nargs=2, metavar=("BLOCK", "L"), help=argparse.SUPPRESS)
@@ -188,7 +188,7 @@ def main() -> None:
         results[name] = r
 
     out = {"mode": "quick" if args.quick else "full", "d_model": args.d_model, "batch": 1,
-           "dtype": "float32", "threads": args.threads, "lengths": lengths,
+           "dtype": "float32", "threads": args.threads, "repeats": args.repeats, "lengths": lengths,
            "memory_method": "peak RSS (ru_maxrss) minus RSS before one forward+backward, in a fresh "
                             "subprocess per (block, L) with MALLOC_MMAP_THRESHOLD_=131072",
            "cpu_alloc": seqlm.CPU_ALLOC,

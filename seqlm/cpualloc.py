@@ -8,8 +8,9 @@ Two glibc defaults make long-sequence training pay the kernel for fresh pages on
   (and the kernel zeroes it); freed heap memory above 128 KiB is trimmed back to the OS.
   ``configure`` raises the mmap threshold to glibc's maximum (32 MiB) and the trim
   threshold to 2 GiB (INT_MAX, mallopt's limit), so activations up to 32 MiB are reused
-  from the heap across steps. On the 7-layer Mamba-1 preset (12 MiB activations) a training step got ~20% faster. The process keeps its
-  peak heap resident instead of returning it between steps, like a GPU caching allocator.
+  from the heap across steps. On the 7-layer Mamba-1 preset (12 MiB activations) a training
+  step got ~20% faster. The process keeps its peak heap resident instead of returning it
+  between steps, like a GPU caching allocator.
 - tensors above 32 MiB are still mmapped; for those PyTorch can ask for transparent huge
   pages (``THP_MEM_ALLOC_ENABLE=1``, 512x fewer faults), which halved the time of a
   32k-token Mamba-2 layer (bench/scaling.py). It is read at PyTorch's first large allocation.

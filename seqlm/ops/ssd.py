@@ -176,7 +176,8 @@ class _SSDChunked(torch.autograd.Function):
                 torch.matmul(Cc[kb], S4[kb], out=out[kb].view(-1, 1, Q, H * P))
             else:
                 out[kb] = _tokens(Cc[kb] @ S4[kb], H)
-            out[kb].mul_(ecum[kb, ..., None]).add_(_intra_fwd(T[kb], cumT[kb], xk[kb], dtk[kb], ep[kb], em[kb], hb))
+            y_in = _intra_fwd(T[kb], cumT[kb], xk[kb], dtk[kb], ep[kb], em[kb], hb)
+            out[kb].mul_(ecum[kb, ..., None]).add_(y_in)
             if D is not None:  # the D x skip, fused here while the block is in cache
                 out[kb].addcmul_(xk[kb], D[:, None])
         out = out.view(b, L, H, P)
