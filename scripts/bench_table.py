@@ -80,7 +80,8 @@ def main() -> None:
     hf = load("hf_compare")
     if hf:
         out += ["**Against Hugging Face transformers' pure-PyTorch mixers** (`bench/hf_compare.py`; same weights, "
-                "fp32, batch 1, forward+backward):", "",
+                f"fp32, batch 1, forward+backward, {hf.get('threads', '?')} thread(s), median of "
+                f"{hf.get('repeats', '?')} interleaved passes):", "",
                 "| comparison | L | max abs diff (y) | seqlm | HF | speedup |", "|---|---|---|---|---|---|"]
         for k, r in hf["results"].items():
             if r.get("status") == "ok":
