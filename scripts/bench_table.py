@@ -80,8 +80,8 @@ def main() -> None:
     hf = load("hf_compare")
     if hf:
         out += ["**Against Hugging Face transformers' pure-PyTorch mixers** (`bench/hf_compare.py`; same weights, "
-                f"fp32, batch 1, forward+backward, {hf.get('threads', '?')} thread(s), median of "
-                f"{hf.get('repeats', '?')} interleaved passes):", "",
+                f"fp32, batch 1, forward+backward, threads: {hf.get('threads', '?')}, median of up to "
+                f"{hf.get('repeats', '?')} interleaved passes (Mamba-1 rows: 3)):", "",
                 "| comparison | L | max abs diff (y) | seqlm | HF | speedup |", "|---|---|---|---|---|---|"]
         for k, r in hf["results"].items():
             if r.get("status") == "ok":
