@@ -13,8 +13,9 @@ block vs ``Mamba2Mixer``):
 
 Without CUDA kernels installed (mamba-ssm, causal-conv1d, or the ``kernels`` hub package)
 HF's mixers run their torch fallbacks. Mamba-2: the chunked SSD written with einsums
-(``mamba2_chunk_scan``'s fallback), compared at the same chunk size (256, HF's default) and,
-as a second row, with seqlm at its own default chunk (64; same function, checked).
+(``mamba2_chunk_scan``'s fallback), compared at the same chunk size twice: 256 (HF's default)
+and 64 (seqlm's default, and HF's fastest chunk on this CPU: ``hf_chunk_sweep`` times HF alone
+at 32..256), then each at its own default (seqlm 64 vs HF 256; same function, checked).
 Mamba-1: with ``use_mambapy=True`` (pip ``mambapy``, a pure-PyTorch parallel scan) at the
 full length; HF's default fallback, a Python loop over the tokens whose backward is
 quadratic in L, only at ``--seq-L`` (256). Each row also times the block's nn.Linear layers
@@ -207,8 +208,32 @@ def compare(name: str, build, L: int, warmup: int, repeats: int) -> dict:
         "speedup_cpu_time": statistics.median(cpu[id(hf)]) / statistics.median(cpu[id(ours)]),
         "linear_layers_fwd_bwd_s": mp,
         "speedup_excluding_linear_layers": (mh - mp) / max(mo - mp, 1e-9),
+        # the most any implementation sharing these dense projections could reach: seqlm's
+        # pass cut to its linear layers alone (everything else free)
+        "speedup_bound_linear_layers_only": mh / mp,
         "times_seqlm": t_ours, "times_hf": t_hf,
     }
+
+
+def hf_chunk_sweep(d_state: int, L: int, chunks: list[int], warmup: int, repeats: int) -> dict:
+    """HF's Mamba-2 mixer alone at several chunk sizes (same weights and input each time):
+    median forward+backward seconds per chunk size, so the report can say which chunk is HF's
+    fastest on this machine (a like-for-like comparison uses that one, not just its default)."""
+    times = {}
+    for c in chunks:
+        torch.manual_seed(0)
+        _, hf, _ = mamba2_pair(d_state, c)
+        hf.train()
+        x, g = torch.randn(1, L, D_MODEL), torch.randn(1, L, D_MODEL)
+        ts = []
+        for i in range(warmup + repeats):
+            xi = x.clone().requires_grad_()
+            t0 = time.perf_counter()
+            (hf(xi) * g).sum().backward()
+            ts.append(time.perf_counter() - t0)
+            hf.zero_grad(set_to_none=True)
+        times[c] = statistics.median(ts[warmup:])
+    return {"L": L, "repeats": repeats, "fwd_bwd_s_hf": times, "fastest_chunk": min(times, key=times.get)}
 
 
 def profile_mamba2(d_state: int, chunk: int, L: int, top: int = 12) -> dict:
@@ -262,13 +287,17 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--chunk", type=int, default=256, help="SSD / scan chunk size for both")
+    ap.add_argument("--chunk", type=int, default=256,
+                    help="Mamba-2 SSD chunk size for both in the first row (HF's default)")
     ap.add_argument("--seqlm-chunk", type=int, default=64,
-                    help="extra Mamba-2 row: seqlm at this chunk (its default) vs HF at --chunk; 0 = off")
+                    help="seqlm's default chunk: extra Mamba-2 rows at it (both; seqlm vs HF at --chunk) "
+                         "and the Mamba-1 scan's chunk; 0 = no extra rows, Mamba-1 at --chunk")
     ap.add_argument("--mamba2-d-state", type=int, default=64)
     ap.add_argument("--mamba-d-state", type=int, default=16)
     ap.add_argument("--seq-L", type=int, default=256,
                     help="length for the Mamba-1 comparison against HF's sequential fallback")
+    ap.add_argument("--hf-chunk-sweep", type=lambda v: [int(c) for c in v.split(",") if c], default=[32, 64, 128, 256],
+                    help="chunk sizes at which to time HF's Mamba-2 mixer alone ('' = skip): which is its fastest")
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                     help="add a torch.profiler breakdown of one seqlm Mamba-2 forward+backward")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "hf_compare.json")
@@ -285,24 +314,31 @@ def main(argv=None) -> int:
            "target_speedup": 3.0, "results": {}}
     from transformers.utils.import_utils import is_mambapy_available
 
+    # Mamba-1: HF's scans have no chunk size; seqlm's runs at its own default (the chunk only
+    # sets how often the scan stores a state for the backward)
+    m1_chunk = a.seqlm_chunk or a.chunk
+
     # (key, seqlm module, builder, L, repeats)
     pairs = [("mamba2", "mamba2", lambda: mamba2_pair(a.mamba2_d_state, a.chunk), L, repeats)]
     if a.seqlm_chunk and a.seqlm_chunk != a.chunk:
+        # both at seqlm's default chunk (64), which is also HF's fastest chunk on this CPU
+        # (see hf_chunk_sweep): the like-for-like row
+        pairs.append((f"mamba2_chunk{a.seqlm_chunk}", "mamba2",
+                      lambda: mamba2_pair(a.mamba2_d_state, a.seqlm_chunk), L, repeats))
         # each at its default chunk (seqlm 64, HF 256): the chunk size does not change the
         # function (the equality check covers it), only the split of work on CPU
-        pairs.append((f"mamba2_seqlm_chunk{a.seqlm_chunk}", "mamba2",
+        pairs.append((f"mamba2_seqlm_chunk{a.seqlm_chunk}_vs_hf_chunk{a.chunk}", "mamba2",
                       lambda: mamba2_pair(a.mamba2_d_state, a.seqlm_chunk, a.chunk), L, repeats))
     if is_mambapy_available():
-        pairs.append(("mamba", "mamba", lambda: mamba_pair(a.mamba_d_state, a.chunk, True), L,
-                      min(repeats, 3)))
+        pairs.append(("mamba", "mamba", lambda: mamba_pair(a.mamba_d_state, m1_chunk, True), L, repeats))
     else:
         res["results"]["mamba"] = {"block": "mamba", "status": "HF mambapy path not available "
                                    "(pip install mambapy); only the sequential comparison ran"}
     # HF's default Mamba-1 fallback loops over tokens in Python and its backward is quadratic
     # in L (each step's slice of the (L, d_inner, N) tensors back-propagates a full-size
     # gradient): ~77 s per pass at L=1024 here, so it is timed at a short length only.
-    pairs.append(("mamba_vs_hf_sequential", "mamba", lambda: mamba_pair(a.mamba_d_state, a.chunk, False),
-                  a.seq_L, min(repeats, 3)))
+    pairs.append(("mamba_vs_hf_sequential", "mamba", lambda: mamba_pair(a.mamba_d_state, m1_chunk, False),
+                  a.seq_L, repeats))
     for key, mod, build, Lp, reps in pairs:
         try:
             import importlib
@@ -318,6 +354,9 @@ def main(argv=None) -> int:
         print(f"[{name}] diff {r['max_abs_diff_y']:.2e} grad diff {r['max_abs_diff_grad_x']:.2e} "
               f"seqlm {r['fwd_bwd_s_seqlm']:.3f}s hf {r['fwd_bwd_s_hf']:.3f}s "
               f"speedup {r['speedup']:.2f}x", file=sys.stderr, flush=True)
+    if a.hf_chunk_sweep:
+        res["hf_chunk_sweep"] = hf_chunk_sweep(a.mamba2_d_state, L, a.hf_chunk_sweep, warmup, min(repeats, 3))
+        print(f"[hf_chunk_sweep] {res['hf_chunk_sweep']['fwd_bwd_s_hf']}", file=sys.stderr, flush=True)
     if a.profile:
         res["profile_seqlm_mamba2"] = profile_mamba2(a.mamba2_d_state, a.seqlm_chunk or a.chunk, L)
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,18 @@ from pathlib import Path
 R = Path(__file__).resolve().parents[1] / "bench" / "results"
 
 
+def _hf_label(key: str, r: dict) -> str:
+    """Row label of the HF comparison: which mixers, at which chunk sizes."""
+    if r.get("block") == "mamba2":
+        c, ch = r.get("chunk_size"), r.get("chunk_size_hf")
+        if c == ch:
+            return f"Mamba-2, both at chunk {c}"
+        return f"Mamba-2, seqlm chunk {c} vs HF chunk {ch} (each one's default)"
+    if r.get("block") == "mamba":
+        return "Mamba-1 vs HF mambapy scan" if "mambapy" in r.get("hf_path", "") else "Mamba-1 vs HF token loop"
+    return key
+
+
 def load(name):
     p = R / f"{name}.json"
     return json.loads(p.read_text()) if p.exists() else None
@@ -80,14 +92,22 @@ def main() -> None:
     hf = load("hf_compare")
     if hf:
         out += ["**Against Hugging Face transformers' pure-PyTorch mixers** (`bench/hf_compare.py`; same weights, "
-                f"fp32, batch 1, forward+backward, threads: {hf.get('threads', '?')}, median of up to "
-                f"{hf.get('repeats', '?')} interleaved passes (Mamba-1 rows: 3)):", "",
-                "| comparison | L | max abs diff (y) | seqlm | HF | speedup |", "|---|---|---|---|---|---|"]
+                f"fp32, batch 1, forward+backward, threads: {hf.get('threads', '?')}, median of "
+                f"{hf.get('repeats', '?')} interleaved passes):", "",
+                "| comparison | L | max abs diff (y) | seqlm | HF | speedup | ceiling (HF time / shared projections) |",
+                "|---|---|---|---|---|---|---|"]
         for k, r in hf["results"].items():
             if r.get("status") == "ok":
-                out.append(f"| {k} | {r['L']} | {r['max_abs_diff_y']:.1e} | {r['fwd_bwd_s_seqlm']:.2f} s | "
-                           f"{r['fwd_bwd_s_hf']:.2f} s | {r['speedup']:.2f}x |")
+                out.append(f"| {_hf_label(k, r)} | {r['L']} | {r['max_abs_diff_y']:.1e} | "
+                           f"{r['fwd_bwd_s_seqlm']:.2f} s | {r['fwd_bwd_s_hf']:.2f} s | {r['speedup']:.2f}x | "
+                           + (f"{r['speedup_bound_linear_layers_only']:.1f}x |"
+                              if "speedup_bound_linear_layers_only" in r else "— |"))
         out.append("")
+        sw = hf.get("hf_chunk_sweep")
+        if sw:
+            cells = ", ".join(f"{c}: {t:.2f} s" for c, t in sw["fwd_bwd_s_hf"].items())
+            out += [f"HF's Mamba-2 mixer alone by chunk size (forward+backward, L={sw['L']}): {cells}; "
+                    f"fastest: {sw['fastest_chunk']}.", ""]
     dc = load("decode")
     if dc:
         g, gc = dc["generation"], dc.get("generation_compiled")
