@@ -249,7 +249,9 @@ class TrainConfig(Section):
     seed: int = Field(1337, description="Seed for init, data sampling and dropout.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: cuda if available.")
     dtype: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="`auto`: fp32 on CPU (bf16 is far slower there), bf16 autocast on CUDA."
+        "auto", description="`auto`: fp32 on CPU, bf16 autocast on CUDA. `bf16` on CPU autocasts the "
+        "matmuls (fast only with AVX512-BF16/AMX; at the small presets no faster than fp32); the SSM "
+        "kernels compute in fp32 either way."
     )
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
     threads: Optional[int] = Field(None, gt=0, description="torch CPU threads; null keeps torch's default.")

@@ -118,3 +118,25 @@ def test_pattern_chars_unique_and_registered():
     chars = registry.pattern_chars()
     assert set(chars.values()) <= set(registry.blocks())
     assert chars["*"] == "attention" and chars["-"] == "mlp"
+
+
+@pytest.mark.parametrize("T_", [T, 80])  # 80 > the default SSD/scan chunk: the chunked paths
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_autocast(name, T_):
+    """train.dtype=bf16: under autocast the block trains (the kernels' custom autograd
+    Functions used to get bf16 matmul outputs in forward and fp32 in backward) and its
+    output stays within bf16 rounding of the fp32 one."""
+    blk = make(name, torch.float32)
+    x = torch.randn(B, T_, D)
+    g = torch.randn(B, T_, D)
+    y32, _ = blk(x)
+    xa = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = blk(xa)
+    assert y.shape == (B, T_, D)
+    scale = y32.abs().max().item()
+    assert (y.float() - y32).abs().max().item() <= 5e-2 * scale
+    (y.float() * g).sum().backward()
+    assert torch.isfinite(xa.grad).all() and xa.grad.abs().sum() > 0
+    for pname, p in blk.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name}.{pname}"

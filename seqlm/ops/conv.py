@@ -24,6 +24,7 @@ def use_cuda_conv(x: torch.Tensor) -> bool:
     return _cc1d_fn is not None and x.is_cuda
 
 
+@ops.no_autocast
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                   state: Optional[torch.Tensor] = None, activation: Optional[str] = None):
     """Returns (y, new_state); new_state is None when ``state`` is None."""
@@ -102,6 +103,7 @@ def _conv_block(xp, wt, bias, sl, out=None):
     return a
 
 
+@ops.no_autocast
 def causal_conv1d_tokens(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                          state: Optional[torch.Tensor] = None, activation: Optional[str] = None):
     """Token-major form: x (B, L, C) -> (y (B, L, C), new_state), state (B, C, K-1) as above.

@@ -288,6 +288,7 @@ class _SSDIntra(torch.autograd.Function):
         return gx, gdt, gA, gB, gC
 
 
+@ops.no_autocast
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int = 64,
              D: Optional[Tensor] = None, h0: Optional[Tensor] = None,
              return_state: bool = True) -> tuple[Tensor, Optional[Tensor]]:

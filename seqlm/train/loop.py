@@ -34,7 +34,8 @@ def resolve_device(tcfg) -> torch.device:
 
 
 def autocast_dtype(tcfg, device: torch.device) -> Optional[torch.dtype]:
-    """bf16 autocast on CUDA by default; CPU computes in fp32 (bf16 is far slower there)."""
+    """bf16 autocast on CUDA by default; CPU computes in fp32 unless ``dtype: bf16`` asks
+    (bf16 matmuls are only fast on CPUs with AVX512-BF16 or AMX, far slower elsewhere)."""
     if tcfg.dtype == "bf16" or (tcfg.dtype == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
