@@ -39,25 +39,6 @@ def test_forward_equals_two_chunks_and_steps(a):
     assert st["ssm"].shape == (2, 2 * D, 8) and st["conv"].shape == (2, 2 * D, 3)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("conv_bias", [False, True])
-@pytest.mark.parametrize("d_conv", [2, 5])
-def test_config_variants_forward_equals_steps(bias, conv_bias, d_conv):
-    """Non-default bias / conv_bias / d_conv: forward == steps, every parameter gets a gradient."""
-    blk = block(bias=bias, conv_bias=conv_bias, d_conv=d_conv)
-    x = torch.randn(2, 11, D, dtype=torch.float64)
-    y, _ = blk(x)
-    st, steps = blk.init_state(2, 11), []
-    with torch.no_grad():
-        for t in range(11):
-            yt, st = blk.step(x[:, t:t + 1], st)
-            steps.append(yt)
-    torch.testing.assert_close(torch.cat(steps, 1), y.detach(), rtol=1e-9, atol=1e-11)
-    (y * torch.randn_like(y)).sum().backward()
-    assert all(p.grad is not None for p in blk.parameters())
-    assert (blk.conv_bias is not None) == conv_bias and (blk.in_proj.bias is not None) == bias
-
-
 def test_chunk_size_does_not_change_the_block_or_its_grads():
     x = torch.randn(1, 23, D, dtype=torch.float64)
     outs = []

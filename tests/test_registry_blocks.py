@@ -140,3 +140,27 @@ def test_bf16_autocast(name, T_):
     assert torch.isfinite(xa.grad).all() and xa.grad.abs().sum() > 0
     for pname, p in blk.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name}.{pname}"
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("conv_bias", [False, True])
+@pytest.mark.parametrize("d_conv", [2, 5])
+@pytest.mark.parametrize("name,extra", [("mamba", {}), ("mamba2", {"ngroups": 2, "head_dim": 8})])
+def test_ssm_config_variants_forward_equals_steps(name, extra, bias, conv_bias, d_conv):
+    """Mamba-1/Mamba-2 with non-default bias / conv_bias / d_conv: forward == steps, and every
+    parameter (and only the configured ones) gets a gradient."""
+    cls = registry.get_block(name)
+    torch.manual_seed(0)
+    blk = cls(cls.Config(d_state=8, chunk_size=4, bias=bias, conv_bias=conv_bias, d_conv=d_conv, **extra),
+              D).double()
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    y, _ = blk(x)
+    st, steps = blk.init_state(B, T), []
+    with torch.no_grad():
+        for t in range(T):
+            yt, st = blk.step(x[:, t:t + 1], st)
+            steps.append(yt)
+    torch.testing.assert_close(torch.cat(steps, 1), y.detach(), rtol=1e-9, atol=1e-11)
+    (y * torch.randn_like(y)).sum().backward()
+    assert all(p.grad is not None for p in blk.parameters())
+    assert (blk.conv_bias is not None) == conv_bias and (blk.in_proj.bias is not None) == bias
