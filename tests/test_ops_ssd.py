@@ -241,6 +241,25 @@ def test_single_chunk_stateless_path_matches_ref(G, pivot_span, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"grad {name}")
     xs = x.detach()[:1, :6].clone().requires_grad_()
     rest = [t.detach()[:1, :6].clone().requires_grad_() for t in (dt, B, C)]
-    assert torch.autograd.gradcheck(
-        lambda x_, dt_, A_, B_, C_: ssd_scan(x_, dt_, A_, B_, C_, 8, None, None, return_state=False)[0],
-        (xs, rest[0], A.detach().clone().requires_grad_(), rest[1], rest[2]))
+    for d in (None, D.detach().clone().requires_grad_()):
+        assert torch.autograd.gradcheck(
+            lambda x_, dt_, A_, B_, C_, *d_: ssd_scan(x_, dt_, A_, B_, C_, 8, *d_, None, return_state=False)[0],
+            (xs, rest[0], A.detach().clone().requires_grad_(), rest[1], rest[2], *([] if d is None else [d])))
+
+
+def test_single_chunk_path_takes_strided_views():
+    """x, B, C as column slices of one wide tensor (the conv output in the Mamba-2 block):
+    same values and gradients as contiguous copies."""
+    x, dt, A, B, C, D, _ = inputs(G=2, L=13)
+    b, L, H, P = x.shape
+    wide = torch.cat([x.reshape(b, L, -1), B.reshape(b, L, -1), C.reshape(b, L, -1)], -1).requires_grad_()
+    xv, Bv, Cv = wide.split([H * P, B.shape[2] * B.shape[3], C.shape[2] * C.shape[3]], -1)
+    y, _ = ssd_scan(xv.reshape(x.shape), dt, A, Bv.reshape(B.shape), Cv.reshape(C.shape), 16, D, None,
+                    return_state=False)
+    yr, _ = ssd_ref(x, dt, A, B, C, D)
+    torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
+    gy = torch.randn_like(y)
+    (g,) = torch.autograd.grad((y * gy).sum(), wide)
+    xr, Br, Cr = (t.clone().requires_grad_() for t in (x, B, C))
+    want = torch.autograd.grad((ssd_ref(xr, dt, A, Br, Cr, D)[0] * gy).sum(), (xr, Br, Cr))
+    torch.testing.assert_close(g, torch.cat([w.reshape(b, L, -1) for w in want], -1), rtol=1e-9, atol=1e-9)
