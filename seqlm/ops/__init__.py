@@ -27,8 +27,9 @@ def no_autocast(fn):
     Under autocast (``train.dtype: bf16``) projections hand the kernels bf16 activations while
     parameters stay fp32, and autocast would recast the matrix products inside a custom
     autograd Function's forward but not in its backward, which runs without autocast: the two
-    would disagree on dtypes. The scans and convolutions are also the numerically delicate
-    part, so they compute in the promoted dtype, as mamba-ssm's kernels do in fp32."""
+    would disagree on dtypes. Used on the entry points whose Functions mix bf16 activations
+    with fp32 weights (``ssd_scan``, ``causal_conv1d_tokens``); the selective scan and the FFT
+    convolution already compute in fp32 themselves."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         ts = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]

@@ -24,7 +24,6 @@ def use_cuda_conv(x: torch.Tensor) -> bool:
     return _cc1d_fn is not None and x.is_cuda
 
 
-@ops.no_autocast
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                   state: Optional[torch.Tensor] = None, activation: Optional[str] = None):
     """Returns (y, new_state); new_state is None when ``state`` is None."""

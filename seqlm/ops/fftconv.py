@@ -12,10 +12,7 @@ import math
 
 import torch
 
-from seqlm import ops
 
-
-@ops.no_autocast
 def fft_conv(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None) -> torch.Tensor:
     """u (B, C, L) real, k (C, L) real, D (C,) -> (B, C, L)."""
     L = u.shape[-1]

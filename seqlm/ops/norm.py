@@ -84,7 +84,6 @@ class _GatedRMSNorm(torch.autograd.Function):
         return gx.view(shp), gz.view(shp), gw, None, None
 
 
-@ops.no_autocast
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor | None, eps: float,
                    group: int | None = None) -> torch.Tensor:
     """Mamba-2's gated RMSNorm: ``rms_norm(x * silu(z))`` per group of ``group`` channels

@@ -30,8 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from seqlm import ops
-
 try:  # optional CUDA fast path
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _ssfn  # type: ignore
 except Exception:  # noqa: BLE001
@@ -157,7 +155,6 @@ class _ScanFn(torch.autograd.Function):
         return gu, gdelta, gA, gB, gC, g, gD, gz, gbias, None, None
 
 
-@ops.no_autocast
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                    D: Optional[Tensor] = None, z: Optional[Tensor] = None,
                    delta_bias: Optional[Tensor] = None, delta_softplus: bool = True,
