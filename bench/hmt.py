@@ -69,7 +69,7 @@ def run_cfg(out_dir: Path, seq_len: int, steps: int, memory=None, threads: int =
 def val_tokens(ckpt: str):
     """The validation split (the tail val_fraction of the token cache) as one sequence."""
     from seqlm.data.dataset import load_data
-    from seqlm.train.checkpoint import load_model
+    from seqlm.io.checkpoint import load_model
 
     _, cfg, tok = load_model(ckpt)
     data = load_data(cfg.data, tok, seq_len=8)
@@ -78,7 +78,7 @@ def val_tokens(ckpt: str):
 
 def score_sequence(ckpt: str, ids: list, context, chunk: int = 1024) -> dict:
     from seqlm.eval.perplexity import score_documents, summarize
-    from seqlm.train.checkpoint import load_model
+    from seqlm.io.checkpoint import load_model
 
     model, _, _ = load_model(ckpt)
     t0 = time.perf_counter()
@@ -92,7 +92,7 @@ def measure_child(ckpt: str, n: int, context) -> None:
     """Subprocess body: score n validation tokens as one window; print RSS numbers as JSON."""
     torch.set_num_threads(1)
     from seqlm.eval.perplexity import score_documents
-    from seqlm.train.checkpoint import load_model
+    from seqlm.io.checkpoint import load_model
 
     model, _, _ = load_model(ckpt)
     ids = (val_tokens(ckpt) * (1 + n // 100000))[:n]
@@ -158,7 +158,7 @@ def recall_logits(model, x: torch.Tensor, L: int, use_memory: bool) -> torch.Ten
 def train_recall(use_memory: bool, S: int, L: int, K: int, steps: int, n_memory: int = 1, lr: float = 3e-3,
                  seed: int = 0) -> dict:
     from seqlm.config import parse_config
-    from seqlm.model import build_model
+    from seqlm.io import build_model
 
     n_filler = 8
     V = K + n_filler + 2
@@ -258,7 +258,7 @@ def main() -> None:
         runs[name] = {"checkpoint": r["checkpoint"], "train_wall_s": r["wall_s"], "n_params": r["n_params"],
                       "train_tokens_per_s": r["tokens_per_s"], "final_train_loss": r["train_loss"],
                       "log": buf.getvalue().strip().splitlines()[-1:]}
-    from seqlm.train.checkpoint import load_model
+    from seqlm.io.checkpoint import load_model
 
     hmt_model, _, _ = load_model(runs["hmt"]["checkpoint"])
     counts = hmt_model.param_counts()

@@ -50,7 +50,7 @@ def main() -> None:
     from seqlm.config import load_config
     from seqlm.data.dataset import load_data
     from seqlm.data.tokenizers import build_tokenizer
-    from seqlm.train.checkpoint import load_model
+    from seqlm.io.checkpoint import load_model
     from seqlm.train.loop import train
 
     os.chdir(ROOT)

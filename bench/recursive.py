@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from seqlm.cli import main as seqlm_main  # noqa: E402
 from seqlm.config import TrainConfig, parse_config  # noqa: E402
 from seqlm.data.dataset import load_data  # noqa: E402
-from seqlm.train.checkpoint import load_model  # noqa: E402
+from seqlm.io.checkpoint import load_model  # noqa: E402
 from seqlm.train.loop import estimate_loss, train  # noqa: E402
 from seqlm.train.optim import make_optimizer  # noqa: E402
 from seqlm.train.schedule import lr_at  # noqa: E402

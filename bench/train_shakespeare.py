@@ -155,7 +155,7 @@ def main():
     from seqlm.config import load_config
     from seqlm.data.dataset import load_data
     from seqlm.data.tokenizers import build_tokenizer
-    from seqlm.model import build_model
+    from seqlm.io import build_model
     from seqlm.train.loop import estimate_loss, train
 
     os.chdir(ROOT)
@@ -192,7 +192,7 @@ def main():
 
     s = train(cfg)
     model = build_model(cfg, tok.vocab_size)
-    from seqlm.train.checkpoint import load_weights
+    from seqlm.io.checkpoint import load_weights
 
     load_weights(model, s["checkpoint"])
     cfg200 = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"batches": 200})})

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 
 def run_recursive(args) -> int:
-    from seqlm.recursive import convert_checkpoint  # noqa: WPS433 (heavy import on demand)
+    from seqlm.io.convert import convert_checkpoint  # noqa: WPS433 (heavy import on demand)
 
     convert_checkpoint(args.checkpoint, args.out, groups=args.groups, rank=args.rank, init=args.init)
     return 0

@@ -150,14 +150,3 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] 
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, srt)
     probs = torch.softmax(logits, -1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
-def build_model(cfg, vocab_size: Optional[int] = None) -> nn.Module:
-    """Build the model a RunConfig describes (the one entry point train/eval/convert use).
-
-    With a ``memory`` section the LM is the HMT wrapper (seqlm.memory), same interface."""
-    if getattr(cfg, "memory", None) is not None:
-        from seqlm.memory import build_memory_model
-
-        return build_memory_model(cfg.model, cfg.memory, vocab_size)
-    return LM(cfg.model, vocab_size)

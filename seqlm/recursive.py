@@ -16,7 +16,7 @@ for the duration of that depth's call (:func:`use_depth`):
   convs), and owning them makes the full-rank conversion exact. The pre-norms are per depth
   too (the stack's ``norms``), as in the paper's cheap variant.
 
-Conversion (:func:`convert_model`): W' = mean of the tied layers' weights (``init: average``)
+Conversion (:func:`seqlm.io.convert.convert_recursive`): W' = mean of the tied layers' weights (``init: average``)
 or the first of them (``first``); B_l A_l = truncated SVD of W_l - W' (computed in fp64);
 per-depth parameters and everything outside the stack are copied. At full rank the converted
 model computes the original function (tests/test_recursive.py).
@@ -26,13 +26,12 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
-from seqlm.config import RecursiveConfig, parse_config
+from seqlm.config import RecursiveConfig
 
 
 def _key(path: str) -> str:
@@ -186,47 +185,3 @@ def fill_from_unshared(stack, old_blocks: list[nn.Module], init: str = "average"
         params = dict(old.named_parameters())
         for p in stack.depths[l].own:
             getattr(stack.depths[l], _key(p)).copy_(params[p])
-
-
-def convert_model(model: nn.Module, cfg, groups: int, rank: int, init: str = "average",
-                  alpha: Optional[float] = None):
-    """An unshared model (LM or HMT) and its RunConfig -> (recursive model, new RunConfig)."""
-    from seqlm.model import build_model
-
-    if cfg.model.recursive is not None:
-        raise ValueError("--checkpoint: the model is already recursive (model.recursive is set)")
-    data = cfg.model_dump(mode="json")
-    data["model"]["recursive"] = {"groups": groups, "lora_rank": rank, "lora_alpha": alpha, "init": init}
-    new_cfg = parse_config(data, "<converted config>")
-    new = build_model(new_cfg, model.vocab_size).to(next(model.parameters()).dtype)
-    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("stack.blocks.")}
-    missing, unexpected = new.load_state_dict(sd, strict=False)
-    left = [k for k in missing if not k.startswith(("stack.blocks.", "stack.depths."))]
-    if left or unexpected:  # pragma: no cover - the two models share everything outside the blocks
-        raise ValueError(f"conversion: unmatched parameters {left + list(unexpected)}")
-    fill_from_unshared(new.stack, list(model.stack.blocks), init)
-    return new, new_cfg
-
-
-def convert_checkpoint(checkpoint, out, groups: int, rank: int, init: str = "average",
-                       alpha: Optional[float] = None) -> dict:
-    """``seqlm convert recursive``: load, convert, print parameter counts, save to ``out``."""
-    from seqlm.train.checkpoint import load_model, read_meta, save_checkpoint
-
-    if groups <= 0:
-        raise ValueError(f"--groups: must be > 0, got {groups}")
-    if rank < 0:
-        raise ValueError(f"--rank: must be >= 0, got {rank}")
-    model, cfg, tok = load_model(checkpoint)
-    new, new_cfg = convert_model(model, cfg, groups, rank, init, alpha)
-    before, after = model.num_params(), new.num_params()
-    stack_before = sum(p.numel() for p in model.stack.parameters())
-    stack_after = sum(p.numel() for p in new.stack.parameters())
-    print(f"parameters before: {before:,} (stack {stack_before:,})")
-    print(f"parameters after:  {after:,} (stack {stack_after:,}; {groups} shared blocks, LoRA rank {rank}) "
-          f"= {100 * after / before:.1f}%")
-    meta = {"converted_from": str(Path(checkpoint)), "conversion": "recursive",
-            "source_step": read_meta(checkpoint).get("step")}
-    path = save_checkpoint(out, new, new_cfg, tok, meta=meta)
-    print(f"wrote {path}")
-    return {"params_before": before, "params_after": after, "checkpoint": str(path)}

@@ -8,7 +8,7 @@ import torch
 
 from seqlm.config import parse_config
 from seqlm.eval.perplexity import plan_windows, score_documents, summarize, token_nll_ref
-from seqlm.model import build_model
+from seqlm.io import build_model
 
 
 def tiny_model(pattern="*-", seed=0, V=23):
@@ -74,7 +74,7 @@ def _checkpoint(tmp_path):
 
 def test_eval_ppl_and_generate_cli(tmp_path, capsys):
     from seqlm.cli import main
-    from seqlm.train.checkpoint import load_model
+    from seqlm.io.checkpoint import load_model
 
     ck = _checkpoint(tmp_path)
     data = tmp_path / "eval.txt"

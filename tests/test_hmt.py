@@ -10,9 +10,10 @@ import torch
 from seqlm import registry
 from seqlm.config import ConfigError, dump_config, load_config, parse_config
 from seqlm.data.tokenizers import CharTokenizer
-from seqlm.memory import HMT, init_from_checkpoint, maybe_init_from, recall_ref
-from seqlm.model import LM, build_model
-from seqlm.train.checkpoint import CheckpointError, load_model, save_checkpoint
+from seqlm.io import (CheckpointError, build_model, init_from_checkpoint, load_model, maybe_init_from,
+                      save_checkpoint)
+from seqlm.memory import HMT, recall_ref
+from seqlm.model import LM
 
 V = 20
 MIXERS = [n for n in sorted(registry.blocks()) if n != "mlp"]  # attention + every SSM block

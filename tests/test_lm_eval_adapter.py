@@ -32,7 +32,7 @@ class Req:
 
 def test_loglikelihood_equals_seqlm_scoring(checkpoint):
     from seqlm.eval.lm_eval_adapter import SeqLMEval
-    from seqlm.train.checkpoint import load_model
+    from seqlm.io.checkpoint import load_model
 
     lm = SeqLMEval(checkpoint=checkpoint, batch_size=3)
     model, _, tok = load_model(checkpoint)
@@ -60,7 +60,7 @@ def test_loglikelihood_equals_seqlm_scoring(checkpoint):
 
 def test_generate_until_stops_at_stop_string(checkpoint):
     from seqlm.eval.lm_eval_adapter import SeqLMEval
-    from seqlm.train.checkpoint import load_model
+    from seqlm.io.checkpoint import load_model
 
     lm = SeqLMEval(checkpoint=checkpoint)
     model, _, tok = load_model(checkpoint)

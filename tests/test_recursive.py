@@ -10,9 +10,9 @@ import torch
 
 from seqlm import registry
 from seqlm.config import ConfigError, dump_config, load_config, parse_config
-from seqlm.model import LM, build_model
-from seqlm.recursive import convert_model
-from seqlm.train.checkpoint import load_model
+from seqlm.io import build_model, load_model
+from seqlm.io.convert import convert_recursive
+from seqlm.model import LM
 
 V, B, T = 19, 2, 10
 NAMES = sorted(registry.blocks())
@@ -63,9 +63,9 @@ def test_full_rank_conversion_reproduces_logits(name, init):
     x = torch.randint(0, V, (B, T))
     with torch.no_grad():
         ref, _ = model(x)
-        conv, new_cfg = convert_model(model, cfg, groups=2, rank=10_000, init=init)
+        conv, new_cfg = convert_recursive(model, cfg, groups=2, rank=10_000, init=init)
         got, _ = conv(x)
-        low, _ = convert_model(model, cfg, groups=2, rank=2, init=init)[0](x)
+        low, _ = convert_recursive(model, cfg, groups=2, rank=2, init=init)[0](x)
     assert new_cfg.model.recursive.groups == 2 and new_cfg.model.recursive.init == init
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
     assert (low - ref).abs().amax() > 1e-4  # a truncated rank is an approximation: the test can fail
@@ -77,7 +77,7 @@ def test_full_rank_conversion_reproduces_logits(name, init):
 
 def test_truncated_svd_is_the_best_low_rank_residual():
     model, cfg = build("mlp", n_layers=4)
-    conv, _ = convert_model(model, cfg, groups=1, rank=3)
+    conv, _ = convert_recursive(model, cfg, groups=1, rank=3)
     W = [model.stack.blocks[l].up_proj.weight for l in range(4)]
     Wp = conv.stack.blocks[0].up_proj.weight
     torch.testing.assert_close(Wp, torch.stack(W).mean(0))

@@ -212,8 +212,8 @@ def test_task_cli_on_checkpoint(tmp_path, byte_tok):
     """seqlm eval passkey|needle|phonebook|mqar on a tiny checkpoint write JSON + PNG."""
     from seqlm.cli import main
     from seqlm.config import parse_config
-    from seqlm.model import build_model
-    from seqlm.train.checkpoint import save_checkpoint
+    from seqlm.io import build_model
+    from seqlm.io.checkpoint import save_checkpoint
 
     cfg = parse_config({"model": {"d_model": 32, "pattern": "*-", "block_defaults": {"attention": {"n_heads": 2}}},
                         "data": {"tokenizer": {"type": "byte"}}})

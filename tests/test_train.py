@@ -66,7 +66,7 @@ def test_loss_goes_down_and_outputs_written(tmp_path):
 
 
 def test_failed_checkpoint_leaves_previous_intact(tmp_path, monkeypatch):
-    from seqlm.train import checkpoint as ck
+    from seqlm.io import checkpoint as ck
 
     res = train(tiny_cfg(tmp_path, max_steps=2))
     path = Path(res["checkpoint"])
@@ -110,7 +110,7 @@ def test_train_cli(tmp_path, capsys):
 
 
 def test_init_from_starts_a_fresh_run_from_trained_weights(tmp_path):
-    from seqlm.train.checkpoint import CheckpointError
+    from seqlm.io.checkpoint import CheckpointError
 
     first = train(tiny_cfg(tmp_path, "a", max_steps=4))
     w0 = load_file(str(Path(first["checkpoint"]) / "model.safetensors"))

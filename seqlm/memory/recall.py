@@ -13,7 +13,6 @@ over the cache M of the last N memory embeddings (values are the memories themse
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -60,30 +59,3 @@ def recall_ref(mem: HMTMemory, q: torch.Tensor, cache: torch.Tensor) -> torch.Te
             p = torch.softmax(s / math.sqrt(qv.numel()), dim=0)
             out[b, i] = sum(p[n] * cache[b, n, i] for n in range(N))
     return out
-
-
-def init_from_checkpoint(model: nn.Module, path, verbose: bool = True) -> list[str]:
-    """Load the weights of checkpoint ``path`` (a stage-1 HMT, or a plain LM) into ``model``
-    (an HMT, typically stage 2). Every tensor in the file must fit the model; the model's
-    parameters the file lacks must all be HMT parameters (``memory.*``): they keep their fresh
-    initialisation and are returned (and printed). Anything else is a CheckpointError."""
-    from seqlm.train.checkpoint import CheckpointError, load_weights
-
-    path = Path(path)
-    if not (path / "model.safetensors").exists():
-        raise CheckpointError(f"memory.init_from: no checkpoint at {str(path)!r} (model.safetensors missing)")
-    missing, unexpected = load_weights(model, path, strict=False)
-    backbone_missing = sorted(k for k in missing if not k.startswith("memory."))
-    if unexpected or backbone_missing:
-        parts = []
-        if unexpected:
-            parts.append(f"weights the model has no place for: {sorted(unexpected)}")
-        if backbone_missing:
-            parts.append(f"backbone weights missing from the file: {backbone_missing}")
-        raise CheckpointError(f"memory.init_from {str(path)!r} does not fit this model: " + "; ".join(parts)
-                              + " (is model: the same backbone as the checkpoint's?)")
-    new = sorted(missing)
-    if verbose:
-        what = ", ".join(new) if new else "nothing"
-        print(f"HMT: initialised from {path}; newly initialised: {what}")
-    return new

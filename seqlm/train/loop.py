@@ -17,9 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from seqlm.config import RunConfig
-from seqlm.model import build_model
-from seqlm.train.checkpoint import (CheckpointError, load_trainer_state, load_weights,
-                                    read_meta, save_checkpoint)
+from seqlm.io import build_model
+from seqlm.io import maybe_init_from
+from seqlm.io.checkpoint import (CheckpointError, load_trainer_state, load_weights, read_meta,
+                                 save_checkpoint)
 from seqlm.train.metrics import MetricsLog, plot_losses
 from seqlm.train.optim import make_optimizer
 from seqlm.train.schedule import lr_at
@@ -121,8 +122,6 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
         load_weights(model, tc.init_from)
         print(f"initialised from {tc.init_from}")
     else:  # fresh run: HMT stage 2 starts from a stage-1 (or plain LM) checkpoint (memory.init_from)
-        from seqlm.memory import maybe_init_from
-
         maybe_init_from(model, cfg)
     n_params = model.num_params()
     if hasattr(model, "param_counts"):  # HMT: report the memory's extra parameters

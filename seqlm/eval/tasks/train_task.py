@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from seqlm.config import ModelConfig, RunConfig, TrainConfig
 from seqlm.eval.tasks.mqar import IGNORE, MQARSpec, make_mqar, select_logits
-from seqlm.model import build_model
+from seqlm.io import build_model
 from seqlm.train.optim import make_optimizer
 from seqlm.train.schedule import lr_at
 

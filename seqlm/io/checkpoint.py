@@ -88,7 +88,7 @@ def load_weights(model: torch.nn.Module, path, strict: bool = True) -> tuple[lis
 def load_model(path, device="cpu", overrides: list[str] = ()):
     """-> (model, cfg, tokenizer) from a checkpoint directory, model in eval mode."""
     from seqlm.data.tokenizers import load_tokenizer
-    from seqlm.model import build_model
+    from seqlm.io.factory import build_model
 
     path = Path(path)
     _check_dir(path)
@@ -111,3 +111,37 @@ def load_trainer_state(path) -> Optional[dict]:
     if not p.exists():
         return None
     return torch.load(p, map_location="cpu", weights_only=False)
+
+
+def init_from_checkpoint(model: torch.nn.Module, path, verbose: bool = True) -> list[str]:
+    """Load the weights of checkpoint ``path`` (a stage-1 HMT, or a plain LM) into ``model``
+    (an HMT, typically stage 2). Every tensor in the file must fit the model; the model's
+    parameters the file lacks must all be HMT parameters (``memory.*``): they keep their fresh
+    initialisation and are returned (and printed). Anything else is a CheckpointError."""
+    path = Path(path)
+    if not (path / "model.safetensors").exists():
+        raise CheckpointError(f"memory.init_from: no checkpoint at {str(path)!r} (model.safetensors missing)")
+    missing, unexpected = load_weights(model, path, strict=False)
+    backbone_missing = sorted(k for k in missing if not k.startswith("memory."))
+    if unexpected or backbone_missing:
+        parts = []
+        if unexpected:
+            parts.append(f"weights the model has no place for: {sorted(unexpected)}")
+        if backbone_missing:
+            parts.append(f"backbone weights missing from the file: {backbone_missing}")
+        raise CheckpointError(f"memory.init_from {str(path)!r} does not fit this model: " + "; ".join(parts)
+                              + " (is model: the same backbone as the checkpoint's?)")
+    new = sorted(missing)
+    if verbose:
+        what = ", ".join(new) if new else "nothing"
+        print(f"HMT: initialised from {path}; newly initialised: {what}")
+    return new
+
+
+def maybe_init_from(model, cfg) -> list[str]:
+    """For the training loop, on a fresh (not resumed) run: apply ``memory.init_from`` if set.
+    Returns the newly initialised parameter names (empty when nothing was loaded)."""
+    mem = getattr(cfg, "memory", None)
+    if mem is None or not mem.init_from:
+        return []
+    return init_from_checkpoint(model, mem.init_from)

@@ -1,0 +1,52 @@
+"""Conversions between topologies (``seqlm convert ...``), on models and on checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from torch import nn
+
+from seqlm.config import parse_config
+from seqlm.io.checkpoint import load_model, read_meta, save_checkpoint
+from seqlm.io.factory import build_model
+from seqlm.recursive import fill_from_unshared
+
+
+def convert_recursive(model: nn.Module, cfg, groups: int, rank: int, init: str = "average",
+                  alpha: Optional[float] = None):
+    """An unshared model (LM or HMT) and its RunConfig -> (recursive model, new RunConfig)."""
+    if cfg.model.recursive is not None:
+        raise ValueError("--checkpoint: the model is already recursive (model.recursive is set)")
+    data = cfg.model_dump(mode="json")
+    data["model"]["recursive"] = {"groups": groups, "lora_rank": rank, "lora_alpha": alpha, "init": init}
+    new_cfg = parse_config(data, "<converted config>")
+    new = build_model(new_cfg, model.vocab_size).to(next(model.parameters()).dtype)
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("stack.blocks.")}
+    missing, unexpected = new.load_state_dict(sd, strict=False)
+    left = [k for k in missing if not k.startswith(("stack.blocks.", "stack.depths."))]
+    if left or unexpected:  # pragma: no cover - the two models share everything outside the blocks
+        raise ValueError(f"conversion: unmatched parameters {left + list(unexpected)}")
+    fill_from_unshared(new.stack, list(model.stack.blocks), init)
+    return new, new_cfg
+
+
+def convert_checkpoint(checkpoint, out, groups: int, rank: int, init: str = "average",
+                       alpha: Optional[float] = None) -> dict:
+    """``seqlm convert recursive``: load, convert, print parameter counts, save to ``out``."""
+    if groups <= 0:
+        raise ValueError(f"--groups: must be > 0, got {groups}")
+    if rank < 0:
+        raise ValueError(f"--rank: must be >= 0, got {rank}")
+    model, cfg, tok = load_model(checkpoint)
+    new, new_cfg = convert_recursive(model, cfg, groups, rank, init, alpha)
+    before, after = model.num_params(), new.num_params()
+    stack_before = sum(p.numel() for p in model.stack.parameters())
+    stack_after = sum(p.numel() for p in new.stack.parameters())
+    print(f"parameters before: {before:,} (stack {stack_before:,})")
+    print(f"parameters after:  {after:,} (stack {stack_after:,}; {groups} shared blocks, LoRA rank {rank}) "
+          f"= {100 * after / before:.1f}%")
+    meta = {"converted_from": str(Path(checkpoint)), "conversion": "recursive",
+            "source_step": read_meta(checkpoint).get("step")}
+    path = save_checkpoint(out, new, new_cfg, tok, meta=meta)
+    print(f"wrote {path}")
+    return {"params_before": before, "params_after": after, "checkpoint": str(path)}

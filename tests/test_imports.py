@@ -1,0 +1,31 @@
+"""Dependencies point down (shared/DESIGN.md): the model never imports train, memory, eval or io;
+memory/recursive never import train. Checked in a fresh interpreter, so nothing is preloaded."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+FORBIDDEN = {
+    "seqlm.model": ["seqlm.train", "seqlm.memory", "seqlm.eval", "seqlm.io", "seqlm.recursive"],
+    "seqlm.stack": ["seqlm.train", "seqlm.memory", "seqlm.eval", "seqlm.io", "seqlm.model"],
+    "seqlm.memory": ["seqlm.train", "seqlm.eval", "seqlm.io"],
+    "seqlm.recursive": ["seqlm.train", "seqlm.eval", "seqlm.io", "seqlm.model"],
+    "seqlm.io": ["seqlm.train", "seqlm.eval"],
+    "seqlm.eval.perplexity": ["seqlm.train"],
+    "seqlm.eval.cli": ["seqlm.train"],
+}
+
+
+def _loaded_after_import(module: str) -> list[str]:
+    code = f"import sys, json, {module}; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         env={"OMP_NUM_THREADS": "1", "PATH": ""}).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("module", sorted(FORBIDDEN))
+def test_module_does_not_import_higher_layers(module):
+    loaded = _loaded_after_import(module)
+    bad = [m for m in loaded for f in FORBIDDEN[module] if m == f or m.startswith(f + ".")]
+    assert not bad, f"import {module} pulled in {bad}"
