@@ -1,6 +1,7 @@
 """Dependencies point down (shared/DESIGN.md): the model never imports train, memory, eval or io;
 memory/recursive never import train. Checked in a fresh interpreter, so nothing is preloaded."""
 import json
+import os
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ FORBIDDEN = {
 def _loaded_after_import(module: str) -> list[str]:
     code = f"import sys, json, {module}; print(json.dumps(sorted(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
-                         env={"OMP_NUM_THREADS": "1", "PATH": ""}).stdout
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
