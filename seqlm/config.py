@@ -14,12 +14,14 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, ValidationError,
+                      field_validator, model_validator)
 
 from seqlm import registry
+from seqlm.blocks.base import BlockConfig
 
 
 class ConfigError(ValueError):
@@ -31,13 +33,30 @@ class Section(BaseModel):
 
 
 # --------------------------------------------------------------------------------------
-# layer specs: a discriminated union over every registered block's Config
-registry.load_blocks()
-_BLOCK_CONFIGS = tuple(cls.Config for cls in registry.blocks().values())
-if len(_BLOCK_CONFIGS) == 1:  # pragma: no cover - a Union needs two members
-    LayerSpec = _BLOCK_CONFIGS[0]
-else:
-    LayerSpec = Annotated[Union[_BLOCK_CONFIGS], Field(discriminator="type")]
+# layer specs: each entry is validated against the Config of the block its ``type`` names,
+# looked up in the registry when the config is validated (not when this module is imported),
+# so blocks registered later (entry points, ``@register`` in a user's script) work too
+def _layer_spec(value: Any) -> Any:
+    if isinstance(value, BlockConfig):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a mapping with a `type`, got {type(value).__name__}")
+    kind = value.get("type")
+    blocks = registry.blocks()
+    if kind not in blocks:
+        raise ValueError(f"type: unknown block type {kind!r}; registered: {sorted(blocks)}")
+    try:
+        return blocks[kind].Config.model_validate(value)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            loc = ".".join(str(x) for x in e["loc"])
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{loc}: {msg}" if loc else msg)
+        raise ValueError("; ".join(lines)) from None
+
+
+LayerSpec = Annotated[SerializeAsAny[BlockConfig], BeforeValidator(_layer_spec)]
 
 
 def _char_table() -> str:
