@@ -126,6 +126,20 @@ class ModelConfig(Section):
     recursive: Optional[RecursiveConfig] = Field(
         None, description="Relaxed recursive sharing of the layers (see below); null: every layer owns its weights.",
     )
+    pos_embedding: Literal["none", "learned"] = Field(
+        "none", description="Absolute position embeddings added to the token embeddings: `none` (positions "
+        "come from the blocks, e.g. RoPE, or from SSM recurrence) or `learned` (a max_positions x d_model "
+        "table, as in GPT-2).",
+    )
+    max_positions: Optional[int] = Field(
+        None, gt=0, description="`pos_embedding: learned`: table length, the longest sequence the model reads "
+        "(required then; unused otherwise).",
+    )
+    parallel_residual: bool = Field(
+        False, description="Layers run in pairs (0,1), (2,3), ... that both read the same stream: "
+        "r = r + f_2i(norm_2i(r)) + f_2i+1(norm_2i+1(r)) (GPT-NeoX / GPT-J style attention || MLP). "
+        "Needs an even number of layers and `residual: standard`.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -188,6 +202,13 @@ class ModelConfig(Section):
         for i, spec in enumerate(self.layers or []):
             for fld, why in spec.check(self.d_model):
                 problems.append(f"layers[{i}].{fld}: {why}")
+        if self.pos_embedding == "learned" and self.max_positions is None:
+            problems.append("max_positions: required when pos_embedding is learned")
+        if self.parallel_residual:
+            if len(self.layers or []) % 2:
+                problems.append(f"parallel_residual: needs an even number of layers, got {len(self.layers or [])}")
+            if self.residual != "standard":
+                problems.append("parallel_residual: only with residual: standard")
         rc, layers = self.recursive, self.layers or []
         if rc is not None and not problems:
             if rc.groups > len(layers):
@@ -210,18 +231,20 @@ class ModelConfig(Section):
 class TokenizerConfig(Section):
     """Which tokenizer turns text into ids (saved with every checkpoint)."""
 
-    type: Literal["char", "byte", "sentencepiece"] = Field(
+    type: Literal["char", "byte", "sentencepiece", "hf"] = Field(
         "char", description="`char`: one id per character seen in the training files; "
-        "`byte`: UTF-8 bytes (256 ids + EOS); `sentencepiece`: a trained BPE/unigram model."
+        "`byte`: UTF-8 bytes (256 ids + EOS); `sentencepiece`: a trained BPE/unigram model; "
+        "`hf`: the tokenizer of a local Hugging Face model directory (tokenizer.json or tokenizer.model)."
     )
     path: Optional[str] = Field(
-        None, description="SentencePiece `.model` file (required for type sentencepiece)."
+        None, description="SentencePiece `.model` file (type sentencepiece) or Hugging Face model directory "
+        "(type hf); required for those types."
     )
 
     @model_validator(mode="after")
     def _need_path(self) -> "TokenizerConfig":
-        if self.type == "sentencepiece" and not self.path:
-            raise ValueError("path: required when type is sentencepiece")
+        if self.type in ("sentencepiece", "hf") and not self.path:
+            raise ValueError(f"path: required when type is {self.type}")
         return self
 
 
@@ -367,6 +390,12 @@ class RunConfig(Section):
     memory: Optional[MemoryConfig] = Field(
         None, description="Hierarchical memory (HMT) around the model; null: a plain LM."
     )
+
+    @model_validator(mode="after")
+    def _memory_fits_model(self) -> "RunConfig":
+        if self.memory is not None and self.model.pos_embedding != "none":
+            raise ValueError("model.pos_embedding: learned positions are not supported with memory (HMT)")
+        return self
 
 
 # --------------------------------------------------------------------------------------
