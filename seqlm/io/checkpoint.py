@@ -364,7 +364,7 @@ def load_model(path, device="cpu", overrides: list[str] = ()):
     from seqlm.data.tokenizers import load_tokenizer
     from seqlm.io.factory import build_model
 
-    d = verify(path)
+    d = verify(path, ["config.yaml", "model.safetensors", "tokenizer", "meta.json"])
     for f in ("config.yaml", "model.safetensors", "tokenizer"):
         if not (d / f).exists():
             raise CheckpointError(f"checkpoint {str(d)!r}: missing {f} (incomplete or not a seqlm checkpoint)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import signal
 from pathlib import Path
 
@@ -76,9 +77,7 @@ def rename(src, dst) -> None:
 def replace_file(path, data: bytes) -> None:
     """Atomically make ``path`` hold ``data``: temp file, fsync, rename, fsync the directory."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        tmp.unlink()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     write_bytes(tmp, data)
     rename(tmp, path)
     fsync_path(path.parent)
