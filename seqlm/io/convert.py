@@ -7,7 +7,7 @@ from typing import Optional
 from torch import nn
 
 from seqlm.config import parse_config
-from seqlm.io.checkpoint import read_meta, save_checkpoint
+from seqlm.io.checkpoint import CheckpointError, read_meta, resolve_checkpoint, save_checkpoint
 from seqlm.io.factory import build_model
 from seqlm.recursive import fill_from_unshared
 
@@ -39,6 +39,12 @@ def convert_checkpoint(checkpoint, out, groups: int, rank: int, init: str = "ave
         raise ValueError(f"--rank: must be >= 0, got {rank}")
     from seqlm.io.pretrained import is_hf_dir, load_any
 
+    src, dst = Path(checkpoint).resolve(), Path(out).resolve()
+    used = {src} if is_hf_dir(checkpoint) else {src, resolve_checkpoint(checkpoint).resolve()}
+    for s in used:  # never replace (or write inside / around) the input
+        if dst == s or s in dst.parents or dst in s.parents:
+            raise CheckpointError(f"--out {str(out)!r} overlaps the input checkpoint {str(checkpoint)!r}; "
+                                  f"choose another directory")
     model, cfg, tok = load_any(checkpoint)
     new, new_cfg = convert_recursive(model, cfg, groups, rank, init, alpha)
     before, after = model.num_params(), new.num_params()

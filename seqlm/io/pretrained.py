@@ -62,8 +62,20 @@ def load(path, device="cpu", dtype=None):
     return model, tok
 
 
-def save_pretrained(model, directory, tokenizer=None, run_config=None, metrics=None) -> Path:
-    """``model.save_pretrained`` for any seqlm model (an HMT included)."""
-    from seqlm.model_card import save_pretrained_dir
+def save_pretrained(model, directory, tokenizer, run_config=None, metrics=None) -> Path:
+    """A self-contained model directory for any seqlm model (an HMT included): a model-only
+    checkpoint (:func:`seqlm.io.checkpoint.save_checkpoint`: config, safetensors weights,
+    tokenizer, SHA-256 manifest, crash-safe) plus a README.md model card with the config and
+    ``metrics``. ``LM.save_pretrained`` writes the same layout from the model layer."""
+    from seqlm.config import RunConfig, dump_config
+    from seqlm.data.tokenizer_base import _atomic_write
+    from seqlm.io.checkpoint import save_checkpoint
+    from seqlm.model_card import model_card
 
-    return save_pretrained_dir(model, directory, tokenizer, run_config, metrics)
+    model = getattr(model, "_orig_mod", model)
+    cfg = run_config if run_config is not None else RunConfig(model=model.cfg)
+    meta = {"vocab_size": model.vocab_size, "metrics": metrics or {}}
+    path = save_checkpoint(directory, model, cfg, tokenizer, meta=meta)
+    n = sum(p.numel() for p in model.parameters())
+    _atomic_write(Path(path) / "README.md", model_card(dump_config(cfg), n, metrics, tokenizer).encode())
+    return Path(path)
