@@ -304,3 +304,27 @@ def test_bin_weights_are_read_with_weights_only(hf_dirs, tmp_path):
     with pytest.raises(CheckpointError, match="not a plain tensor file"):
         load_any(b)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_lm_eval_adapter_takes_an_hf_dir(hf_dirs):
+    """lm-eval's seqlm model reads a Hugging Face directory: its loglikelihood equals the one
+    computed from transformers' own logits; the window comes from max_position_embeddings."""
+    pytest.importorskip("lm_eval")
+    import torch.nn.functional as F
+
+    from seqlm.eval.lm_eval_adapter import SeqLMEval
+
+    d, hf = hf_dirs("gpt_neox")
+    lm = SeqLMEval(checkpoint=str(d), device="cpu")
+    assert lm.max_length == hf.config.max_position_embeddings
+
+    class Req:
+        def __init__(self, *args):
+            self.args = args
+
+    (score, _), = lm.loglikelihood([Req("The quick brown", " fox jumps")], disable_tqdm=True)
+    c, x = lm.tok.encode("The quick brown"), lm.tok.encode(" fox jumps")
+    with torch.no_grad():
+        lp = F.log_softmax(hf(torch.tensor([c + x[:-1]])).logits[0], -1)[-len(x):]
+    want = float(lp.gather(-1, torch.tensor(x)[:, None]).sum())
+    assert score == pytest.approx(want, abs=1e-4)
