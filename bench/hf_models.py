@@ -139,6 +139,23 @@ def bench_arch(arch: str, contexts: list[int], repeats: int, new: int, tmp: Path
         s.type] for s in ours.cfg.layers), "contexts": rows}
 
 
+def table(res: dict) -> str:
+    """The README table of a results file."""
+    lines = [f"Machine: {res['cpu']}, {res['threads']} thread(s), torch {res['torch']}, transformers "
+             f"{res['transformers']}; median of {res['repeats']} forwards; {res['new_tokens']} new tokens.", "",
+             "| model | params | layers | L | forward transformers | forward seqlm | speedup | generate transformers "
+             "| generate seqlm | speedup | logits diff (of max) | tokens equal |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for arch, r in res["results"].items():
+        for L, c in r["contexts"].items():
+            f, g = c["forward_s"], c["generate_s"]
+            lines.append(f"| {arch} | {r['n_params'] / 1e6:.1f}M | `{r['layers']}` | {L} | {f['transformers']:.2f} s | "
+                         f"{f['seqlm']:.2f} s | {c['forward_speedup']:.2f}x | {g['transformers']:.2f} s | "
+                         f"{g['seqlm']:.2f} s | {c['generate_speedup']:.2f}x | {c['logits_max_abs_diff']:.1e} "
+                         f"(of {c.get('logits_max_abs', float('nan')):.0f}) | {'yes' if c['tokens_match'] else 'no'} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archs", default="llama,gpt2,gpt_neox,mamba,mamba2,nemotron_h")
@@ -147,7 +164,11 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=32, help="greedy tokens generated after the prompt")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "hf_models.json")
+    ap.add_argument("--table", type=Path, default=None, help="print the README table of this results file and exit")
     a = ap.parse_args(argv)
+    if a.table is not None:
+        print(table(json.loads(a.table.read_text())))
+        return 0
     torch.set_num_threads(a.threads)
     import transformers
 
