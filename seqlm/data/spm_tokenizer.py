@@ -17,6 +17,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     type = "sentencepiece"
     MODEL_FILE = "sentencepiece.model"
+    num_threads = None  # threads of encode_batch; None: one per CPU core
 
     def __init__(self, model_proto: bytes, source: str = "<bytes>"):
         import sentencepiece as spm
@@ -52,7 +53,7 @@ class SentencePieceTokenizer(Tokenizer):
         return np.asarray(self.sp.encode(text), dtype=np.int64)
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        out = self.sp.encode(list(texts), num_threads=os.cpu_count() or 1)
+        out = self.sp.encode(list(texts), num_threads=self.num_threads or os.cpu_count() or 1)
         return [np.asarray(ids, dtype=np.int64) for ids in out]
 
     def decode(self, ids) -> str:

@@ -85,7 +85,7 @@ def _prepare(cfg: RunConfig, resume):
             raise CheckpointError(f"memory.init_from: no checkpoint at {str(src)!r} (tokenizer/ missing)")
         tok = load_tokenizer(src / "tokenizer")
     else:
-        tok = build_tokenizer(cfg.data.tokenizer, cfg.data.files, text_field=cfg.data.text_field)
+        tok = build_tokenizer(cfg.data.tokenizer, data=cfg.data)
     return tok, load_data(cfg.data, tok, seq_len=cfg.train.seq_len), ckpt
 
 
