@@ -15,6 +15,7 @@ FORBIDDEN = {
     "seqlm.io": ["seqlm.train", "seqlm.eval"],
     "seqlm.eval.perplexity": ["seqlm.train"],
     "seqlm.eval.cli": ["seqlm.train"],
+    "seqlm.data": ["seqlm.train", "seqlm.eval", "seqlm.io", "seqlm.model", "seqlm.stack", "seqlm.memory"],
 }
 
 

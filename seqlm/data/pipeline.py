@@ -91,7 +91,7 @@ def encode_chunk(tok: Tokenizer, chunk: Chunk, text_field: str, separator: Optio
         if e:
             out.append(eos)
             n += 1
-    ids = np.concatenate(out).astype(dtype) if out else np.zeros(0, dtype)
+    ids = np.concatenate(out).astype(dtype, copy=False) if out else np.zeros(0, dtype)
     n_records = n_pieces if chunk.kind != "txt" else 0
     return ids, np.asarray(starts_at, dtype=np.int64), has_text, n_records
 
@@ -111,6 +111,16 @@ def _work(chunk: Chunk, text_field: str, separator: Optional[str], dtype: str):
     return encode_chunk(_WORKER["tok"], chunk, text_field, separator, dtype)
 
 
+def _context():
+    """Workers come from a fork server that has imported only this module (small, and no
+    fork of a process that runs threads); spawn where there is no fork server."""
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["seqlm.data.pipeline"])
+        return ctx
+    return mp.get_context("spawn")
+
+
 def _results(chunks: list[Chunk], tok: Tokenizer, text_field: str, separator: Optional[str],
              dtype: str, workers: int) -> Iterator[tuple]:
     """encode_chunk's results in chunk order, from ``workers`` processes (bounded in flight)."""
@@ -119,8 +129,7 @@ def _results(chunks: list[Chunk], tok: Tokenizer, text_field: str, separator: Op
         for c in chunks:
             yield _work(c, text_field, separator, dtype)
         return
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(min(workers, len(chunks)), _init_worker, (tok,)) as pool:
+    with _context().Pool(min(workers, len(chunks)), _init_worker, (tok,)) as pool:
         todo = iter(chunks)
         pending: deque = deque()
         for c in todo:

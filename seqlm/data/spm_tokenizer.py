@@ -34,6 +34,13 @@ class SentencePieceTokenizer(Tokenizer):
         probe = ["ab cd\n", "  ef\n", "\n", "gh i"]  # see Tokenizer.split_safe
         self.split_safe = self.sp.encode("".join(probe)) == sum(self.sp.encode(probe), [])
 
+    def __getstate__(self) -> dict:  # for tokenizer worker processes: the model bytes, not the C++ object
+        return {"model_proto": self.model_proto, "source": self.source, "num_threads": self.num_threads}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model_proto"], state["source"])
+        self.num_threads = state["num_threads"]
+
     @classmethod
     def from_file(cls, path, field: str = "path") -> "SentencePieceTokenizer":
         p = resolve_path(path)
