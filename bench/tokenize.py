@@ -48,15 +48,18 @@ args = json.loads(sys.argv[1])
 tok = load_tokenizer(args["tokenizer"])
 cfg = DataConfig(files=[args["file"]], cache_dir=args["cache"], num_workers=args["workers"],
                  verify_cache=args.get("verify", False))
-t1 = time.perf_counter()
+cpu = lambda: (lambda r: r.ru_utime + r.ru_stime)(resource.getrusage(resource.RUSAGE_SELF))
+c1, t1 = cpu(), time.perf_counter()
 data = load_data(cfg, tok, progress=False)
-t2 = time.perf_counter()
+t2, c2 = time.perf_counter(), cpu()
 self_ = resource.getrusage(resource.RUSAGE_SELF)
-kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+build = data.meta["build"]
+pool = build["workers"] > 1 and not data.from_cache
 print(json.dumps({"load_s": t2 - t1, "process_s": t2 - t0, "from_cache": data.from_cache,
-                  "n_tokens": len(data.tokens), "n_bytes": data.meta["n_bytes"],
-                  "cpu_s": self_.ru_utime + self_.ru_stime + kids.ru_utime + kids.ru_stime,
-                  "rss_parent_mb": self_.ru_maxrss / 1024, "rss_worker_mb": kids.ru_maxrss / 1024}))
+                  "n_tokens": len(data.tokens), "n_bytes": data.meta["n_bytes"], "workers": build["workers"],
+                  "cpu_s": c2 - c1 + (build["worker_cpu_s"] if pool else 0.0),
+                  "rss_parent_mb": self_.ru_maxrss / 1024,
+                  "rss_worker_mb": build["worker_peak_rss_mb"] if pool else None}))
 """
 
 
@@ -135,7 +138,8 @@ def main() -> None:
                     r = measure({"tokenizer": tok_path, "file": str(big), "cache": str(cache), "workers": w})
                     runs[w].append(r)
                     print(f"{name} {w} worker(s) run {rep}: {r['mb_per_s']:.2f} MB/s, {r['load_s']:.1f} s, "
-                          f"rss parent {r['rss_parent_mb']:.0f} MB worker {r['rss_worker_mb']:.0f} MB", file=sys.stderr)
+                          f"cpu {r['cpu_s']:.1f} s, rss parent {r['rss_parent_mb']:.0f} MB worker {r['rss_worker_mb']} MB",
+                          file=sys.stderr)
                     if not (w == 2 and rep == 0):
                         shutil.rmtree(cache)
             warm = tmp / f"cache-{name}-2-0"
@@ -151,7 +155,7 @@ def main() -> None:
                 "mb_per_s_1_worker": best[1]["mb_per_s"], "mb_per_s_2_workers": best[2]["mb_per_s"],
                 "speedup_2_workers": best[2]["mb_per_s"] / best[1]["mb_per_s"],
                 "speedup_per_repeat": [r2["mb_per_s"] / r1["mb_per_s"] for r1, r2 in zip(runs[1], runs[2])],
-                # CPU seconds (all processes, imports included) per MB: the cost of going parallel,
+                # CPU seconds of load_data (this process + workers) per MB: the cost of going parallel,
                 # which the machine's load does not distort the way it distorts wall time
                 "cpu_s_per_mb_1_worker": best[1]["cpu_s"] / (best[1]["n_bytes"] / 1e6),
                 "cpu_s_per_mb_2_workers": best[2]["cpu_s"] / (best[2]["n_bytes"] / 1e6),

@@ -16,6 +16,7 @@ import copy
 import multiprocessing as mp
 import os
 import sys
+import time
 from collections import deque
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional, Sequence
@@ -107,8 +108,18 @@ def _init_worker(tok: Tokenizer) -> None:
     _WORKER["tok"] = tok
 
 
+def _usage() -> tuple[int, float, float]:
+    """(pid, peak RSS in MB, CPU seconds) of this process."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return os.getpid(), 0.0, 0.0
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return os.getpid(), ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime
+
+
 def _work(chunk: Chunk, text_field: str, separator: Optional[str], dtype: str):
-    return encode_chunk(_WORKER["tok"], chunk, text_field, separator, dtype)
+    return encode_chunk(_WORKER["tok"], chunk, text_field, separator, dtype) + (_usage(),)
 
 
 def _context():
@@ -160,8 +171,10 @@ def tokenize_files(paths: Sequence[Path], tokenizer: Tokenizer, text_field: str,
     n_tokens = n_docs = 0
     has_text: dict[str, bool] = {}
     records: dict[str, int] = {}
+    usage: dict[int, tuple[float, float]] = {}  # worker pid -> (peak RSS MB, CPU s)
+    t0 = time.perf_counter()
     try:
-        for c, (ids, starts, text, n_rec) in zip(chunks, _results(chunks, tokenizer, text_field, separator,
+        for c, (ids, starts, text, n_rec, (pid, rss, cpu)) in zip(chunks, _results(chunks, tokenizer, text_field, separator,
                                                                   np.dtype(dtype).name, workers)):
             ids_out.write(ids.tobytes())
             docs_out.write((starts + n_tokens).tobytes())
@@ -169,6 +182,7 @@ def tokenize_files(paths: Sequence[Path], tokenizer: Tokenizer, text_field: str,
             n_docs += len(starts)
             has_text[c.path] = has_text.get(c.path, False) or text
             records[c.path] = records.get(c.path, 0) + n_rec
+            usage[pid] = (rss, cpu)
             bar.update(c.nbytes)
     finally:
         bar.close()
@@ -179,4 +193,7 @@ def tokenize_files(paths: Sequence[Path], tokenizer: Tokenizer, text_field: str,
             raise ValueError(f"data file {c.path!r} is empty (no records)")
     if n_tokens == 0 or n_docs == 0:
         raise ValueError(f"data files {[str(p) for p in paths]} hold no text")
-    return {"n_tokens": n_tokens, "n_docs": n_docs, "n_bytes": total, "workers": workers}
+    build = {"workers": workers, "seconds": time.perf_counter() - t0,
+             "worker_peak_rss_mb": max(r for r, _ in usage.values()),  # this process's when workers == 1
+             "worker_cpu_s": sum(c for _, c in usage.values()) if workers > 1 else None}
+    return {"n_tokens": n_tokens, "n_docs": n_docs, "n_bytes": total, "build": build}
