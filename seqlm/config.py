@@ -248,18 +248,14 @@ class TokenizerConfig(Section):
         return self
 
 
-class DataConfig(Section):
-    """Training text: local files, tokenized once into a memmapped token cache."""
+class SourceConfig(Section):
+    """One source of a weighted mixture (`data.sources`)."""
 
-    files: list[str] = Field(
-        default_factory=lambda: ["data/tinyshakespeare.txt"],
-        description="Local `.txt`, `.jsonl` or `.parquet` files (globs allowed). Each file / "
-        "record is one document; documents are joined with EOS.",
-    )
-    text_field: str = Field("text", description="Record field holding the text in jsonl/parquet.")
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="The tokenizer (see below).")
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="Tail fraction of tokens held out for validation.")
-    cache_dir: str = Field(".cache/seqlm", description="Where token caches are written.")
+    files: list[str] = Field(..., description="Data files, globs or directories of this source (as `data.files`).")
+    weight: float = Field(1.0, gt=0, description="Sampling weight: a training window comes from this source "
+                          "with probability weight / sum of weights (independent of the source's size).")
+    text_field: Optional[str] = Field(None, description="Record field holding the text; null: `data.text_field`.")
+    doc_separator: Optional[str] = Field(None, description="Document separator; null: `data.doc_separator`.")
 
     @field_validator("files")
     @classmethod
@@ -267,6 +263,64 @@ class DataConfig(Section):
         if not v:
             raise ValueError("must list at least one file")
         return v
+
+
+class DataConfig(Section):
+    """Training text: local files, tokenized once into a memmapped token cache."""
+
+    files: list[str] = Field(
+        default_factory=lambda: ["data/tinyshakespeare.txt"],
+        description="Local `.txt`, `.jsonl`, `.parquet` or `.arrow` files (globs allowed) or directories "
+        "(a Hugging Face dataset saved with `save_to_disk`, or a directory of data files). Each txt file / "
+        "record is one document; documents are joined with EOS.",
+    )
+    sources: Optional[list[SourceConfig]] = Field(
+        None, description="A weighted mixture instead of `files`: a list of `{files, weight, text_field, "
+        "doc_separator}`; each source has its own token cache and train/val split."
+    )
+    text_field: str = Field("text", description="Record field holding the text in jsonl/parquet/arrow.")
+    doc_separator: Optional[str] = Field(
+        None, description="Split each txt file / record further into documents after every occurrence of "
+        "this string (kept at the end of its document; whitespace-only documents are dropped), e.g. "
+        "\"\\n\\n\" for blank-line paragraphs. null: one document per txt file / record."
+    )
+    packing: Literal["stream", "document"] = Field(
+        "stream", description="`stream`: windows of the EOS-joined stream; `document`: the same windows, "
+        "each with its document boundaries (`seq_idx`) so the model does not attend or carry state across them."
+    )
+    val_split: Literal["tokens", "documents"] = Field(
+        "tokens", description="`tokens`: the last `val_fraction` of each source's tokens is validation; "
+        "`documents`: its last whole documents holding about that fraction (no document in both splits)."
+    )
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="The tokenizer (see below).")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of tokens held out for validation.")
+    cache_dir: str = Field(".cache/seqlm", description="Where token caches are written.")
+    num_workers: Optional[int] = Field(
+        None, ge=1, description="Tokenizer processes (1: in this process); null: one per CPU core. The cache "
+        "is the same for any count."
+    )
+    verify_cache: bool = Field(
+        False, description="Rehash every data file on launch; by default a file is rehashed only when its "
+        "size or times changed."
+    )
+
+    @field_validator("files")
+    @classmethod
+    def _nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("must list at least one file")
+        return v
+
+    @model_validator(mode="after")
+    def _files_or_sources(self) -> "DataConfig":
+        if self.sources is not None:
+            if not self.sources:
+                raise ValueError("sources: must list at least one source (or remove it to use data.files)")
+            if "files" in self.model_fields_set:
+                raise ValueError("give data.files or data.sources, not both")
+        if self.doc_separator == "":
+            raise ValueError("doc_separator: must not be empty (null: no separator)")
+        return self
 
 
 class TrainConfig(Section):

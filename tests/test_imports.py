@@ -19,6 +19,7 @@ FORBIDDEN = {
     "seqlm.config": ["seqlm.io", "seqlm.model", "seqlm.train", "seqlm.eval", "seqlm.memory"],
     "seqlm.eval.perplexity": ["seqlm.train"],
     "seqlm.eval.cli": ["seqlm.train"],
+    "seqlm.data": ["seqlm.train", "seqlm.eval", "seqlm.io", "seqlm.model", "seqlm.stack", "seqlm.memory"],
 }
 
 

@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from seqlm.data.sources import expand_files, iter_documents
+from seqlm.data.sources import expand_files, iter_texts
 from seqlm.data.spm_tokenizer import SentencePieceTokenizer, train_sentencepiece
 from seqlm.data.tokenizer_base import FORMAT_VERSION, Tokenizer, _as_array, public_mode
 
@@ -152,12 +152,18 @@ def load_tokenizer(directory) -> Tokenizer:
     return tok
 
 
-def build_tokenizer(cfg, files: Sequence[str], text_field: str = "text") -> Tokenizer:
-    """The tokenizer a ``TokenizerConfig`` describes: char fits on the documents of ``files``
-    (field ``text_field`` of jsonl/parquet records); sentencepiece loads ``cfg.path``."""
+def build_tokenizer(cfg, files: Sequence[str] = (), text_field: str = "text", data=None) -> Tokenizer:
+    """The tokenizer a ``TokenizerConfig`` describes: char fits on the text of ``files`` (field
+    ``text_field`` of records), or of every source of ``data`` (a DataConfig) when given;
+    sentencepiece loads ``cfg.path``."""
     if cfg.type == "char":
-        paths = expand_files(files)
-        return CharTokenizer.fit(doc for p in paths for doc in iter_documents(p, text_field))
+        if data is not None:
+            from seqlm.data.dataset import source_specs
+
+            groups = [(expand_files(s["files"], field=s["field"]), s["text_field"]) for s in source_specs(data)]
+        else:
+            groups = [(expand_files(files), text_field)]
+        return CharTokenizer.fit(t for paths, tf in groups for p in paths for t in iter_texts(p, tf))
     if cfg.type == "byte":
         return ByteTokenizer()
     if cfg.type == "sentencepiece":
