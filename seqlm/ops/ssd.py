@@ -301,6 +301,9 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
         raise ValueError(f"ssd_scan: groups G={G} must divide heads H={H}")
     if chunk_size <= 0:
         raise ValueError(f"ssd_scan: chunk_size must be > 0, got {chunk_size}")
+    if L == 0:  # nothing to scan: empty output, the state passes through
+        h = h0 if h0 is not None else x.new_zeros(b, H, P, B.shape[3])
+        return x * 0, (h if return_state else None)
     if use_triton_ssd(x, dt, B, C):
         y, h_last = _mcsc(x, dt, A, B, C, chunk_size, D=D, initial_states=h0, return_final_states=True)
         return y, h_last
