@@ -26,6 +26,9 @@ class ConfigError(ValueError):
     """A config (file, dict or override) is invalid; the message names each field."""
 
 
+MAX_LAYERS = 4096  # a bound that keeps a typo (n_layers: 1e20) from expanding a pattern forever
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=False)
 
@@ -75,7 +78,7 @@ class ModelConfig(Section):
     )
     d_model: int = Field(128, gt=0, description="Width of the residual stream.")
     n_layers: Optional[int] = Field(
-        None, gt=0,
+        None, gt=0, le=MAX_LAYERS,
         description="Number of layers (each layer is one sub-layer: a mixer or an MLP). "
         "With `pattern`, the pattern is tiled to this length; null means len(pattern).",
     )
@@ -137,7 +140,7 @@ class ModelConfig(Section):
             n = data.get("n_layers")
             if n is None:
                 n = len(pattern)
-            if not isinstance(n, int) or n <= 0:
+            if not isinstance(n, int) or n <= 0 or n > MAX_LAYERS:
                 return data  # field validation reports n_layers
             if n % len(pattern):
                 raise ValueError(
@@ -376,7 +379,10 @@ def _path(loc: tuple, names: set[str]) -> str:
         prev_int = False
         if part in ("function-after[_need_path()]",) or str(part).startswith("function-"):
             continue
-        out += ("." if out else "") + str(part)
+        if isinstance(part, str) and part.isidentifier():
+            out += ("." if out else "") + part
+        else:  # a key that is not a name (empty, spaces, control characters): quote it
+            out += f"[{str(part)!r}]"
     return out
 
 
@@ -444,14 +450,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 lst = node.get(m.group(1))
                 idx = int(m.group(2))
                 if not isinstance(lst, list) or idx >= len(lst):
-                    raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])} does not exist")
+                    raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])!r} does not exist")
                 node = lst[idx]
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])!r} is not a section")
                 continue
             nxt = node.get(part)
             if nxt is None:
                 nxt = node[part] = {}
             if not isinstance(nxt, dict):
-                raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])} is not a section")
+                raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])!r} is not a section")
             node = nxt
         last = parts[-1]
         m = re.fullmatch(r"(\w+)\[(\d+)\]", last)
@@ -459,7 +467,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             lst = node.get(m.group(1))
             idx = int(m.group(2))
             if not isinstance(lst, list) or idx >= len(lst):
-                raise ConfigError(f"override {ov!r}: {key} does not exist")
+                raise ConfigError(f"override {ov!r}: {key!r} does not exist")
             lst[idx] = _parse_value(raw)
         else:
             node[last] = _parse_value(raw)
@@ -473,9 +481,13 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r}: not valid YAML: {e}") from None
+        data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(p)!r}: cannot be read ({e.strerror or e})") from None
+    except (yaml.YAMLError, RecursionError, ValueError) as e:
+        raise ConfigError(f"config file {str(p)!r}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r}: top level must be a mapping of sections")
     return data

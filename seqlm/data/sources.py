@@ -16,9 +16,22 @@ from pathlib import Path
 from typing import Iterator, Sequence, Union
 
 SUPPORTED = (".txt", ".jsonl", ".parquet")
-# the project root (holds data/ and tokenizers/): relative paths that do not exist from the
-# current directory are looked up here too, so `seqlm train` works from any directory
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# the source checkout seqlm runs from (holds data/ and tokenizers/), or None for an installed
+# (non-editable) package: relative paths that do not exist from the current directory are
+# looked up there too, so `seqlm train` works from any directory of a checkout
+
+
+def _source_checkout() -> "Path | None":
+    root = Path(__file__).resolve().parents[2]
+    pyproject = root / "pyproject.toml"
+    try:
+        ok = pyproject.is_file() and 'name = "seqlm"' in pyproject.read_text()
+    except (OSError, UnicodeDecodeError):
+        ok = False
+    return root if ok else None
+
+
+PROJECT_ROOT = _source_checkout()
 
 PathLike = Union[str, os.PathLike]
 
@@ -26,7 +39,7 @@ PathLike = Union[str, os.PathLike]
 def resolve_path(path: PathLike) -> Path:
     """``path`` as given if it exists, else relative to the project root if it exists there."""
     p = Path(path).expanduser()
-    if not p.exists() and not p.is_absolute() and (PROJECT_ROOT / p).exists():
+    if not p.exists() and not p.is_absolute() and PROJECT_ROOT is not None and (PROJECT_ROOT / p).exists():
         return PROJECT_ROOT / p
     return p
 
@@ -41,7 +54,7 @@ def expand_files(patterns: Sequence[PathLike], field: str = "data.files") -> lis
         pat = str(pat)
         if glob.has_magic(pat):
             hits = [h for h in glob.glob(pat, recursive=True) if os.path.isfile(h)]
-            if not hits and not Path(pat).is_absolute():
+            if not hits and not Path(pat).is_absolute() and PROJECT_ROOT is not None:
                 hits = [h for h in glob.glob(str(PROJECT_ROOT / pat), recursive=True) if os.path.isfile(h)]
             hits.sort()
             if not hits:
@@ -50,7 +63,10 @@ def expand_files(patterns: Sequence[PathLike], field: str = "data.files") -> lis
         else:
             p = resolve_path(pat)
             if not p.exists():
-                raise FileNotFoundError(f"{field}: file {pat!r} not found")
+                where = "" if PROJECT_ROOT is not None or Path(pat).is_absolute() else (
+                    " (relative to the current directory: this seqlm is an installed package, not a "
+                    "source checkout, so the repository's data/ is not looked up)")
+                raise FileNotFoundError(f"{field}: file {pat!r} not found{where}")
             if not p.is_file():
                 raise ValueError(f"{field}: {pat!r} is not a file")
             paths = [p]
