@@ -18,4 +18,10 @@ def configure_cpu_allocator() -> dict:
 def __getattr__(name):
     if name == "CPU_ALLOC":  # what the allocator setup did in this process ({} when not applied)
         return _cpualloc.APPLIED
+    # seqlm.load / seqlm.save_pretrained without importing the I/O layer on `import seqlm`
+    # (so `import seqlm.model` stays free of seqlm.io)
+    if name in ("load", "save_pretrained"):
+        from seqlm.io import pretrained
+
+        return getattr(pretrained, name)
     raise AttributeError(f"module 'seqlm' has no attribute {name!r}")
