@@ -114,3 +114,25 @@ def test_default_config_is_package_data(tmp_path):
     assert first[2] == "".join(l.type[0] for l in load_config(ROOT / "configs" / "default.yaml").model.layers)
     assert out.returncode == 2 and "tinyshakespeare.txt" in out.stderr and "installed package" in out.stderr, out.stderr
     assert out.stderr.count("\n") == 1
+
+
+def test_tokenizer_that_does_not_match_the_data_cache(tmp_path, capsys):
+    """A cache built with one tokenizer is never read with another: another tokenizer gets its
+    own cache (the key holds the fingerprint), and a cache whose metadata was swapped in from
+    another tokenizer is rebuilt instead of being trusted."""
+    import json
+
+    f = tmp_path / "corpus.txt"
+    f.write_text(TEXT)
+    cfg = write_cfg(tmp_path, f, max_steps=1)
+    assert main(["train", "--config", cfg]) == 0
+    char = {p.name for p in (tmp_path / "cache").glob("*.json")}
+    assert main(["train", "--config", cfg, "data.tokenizer.type=byte", f"train.out_dir={tmp_path / 'b'}"]) == 0
+    both = {p.name for p in (tmp_path / "cache").glob("*.json")}
+    assert len(both - char) == 1
+    (c,), (b,) = char, both - char
+    meta_b = json.loads((tmp_path / "cache" / b).read_text())
+    (tmp_path / "cache" / c).write_text(json.dumps(meta_b))  # the char cache now claims the byte tokenizer
+    capsys.readouterr()
+    assert main(["train", "--config", cfg, f"train.out_dir={tmp_path / 'c'}"]) == 0
+    assert json.loads((tmp_path / "cache" / c).read_text())["key"] != meta_b["key"]  # rebuilt
