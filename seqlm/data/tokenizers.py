@@ -140,8 +140,12 @@ def load_tokenizer(directory) -> Tokenizer:
     elif kind == "sentencepiece":
         tok = SentencePieceTokenizer.from_file(d / spec.get("model_file", SentencePieceTokenizer.MODEL_FILE),
                                                field=f"tokenizer {str(d)!r}")
+    elif kind == "hf":
+        from seqlm.data.hf_tokenizer import HFTokenizer
+
+        tok = HFTokenizer.from_spec(d, spec)
     else:
-        raise ValueError(f"tokenizer {str(spec_path)!r}: unknown type {kind!r}; known: char, byte, sentencepiece")
+        raise ValueError(f"tokenizer {str(spec_path)!r}: unknown type {kind!r}; known: char, byte, sentencepiece, hf")
     fp = spec.get("fingerprint")
     if fp is not None and fp != tok.fingerprint():
         raise ValueError(f"tokenizer {str(d)!r}: files do not match the fingerprint in tokenizer.json (corrupted?)")
@@ -166,4 +170,10 @@ def build_tokenizer(cfg, files: Sequence[str] = (), text_field: str = "text", da
         if not cfg.path:
             raise ValueError("data.tokenizer.path: required when type is sentencepiece")
         return SentencePieceTokenizer.from_file(cfg.path, field="data.tokenizer.path")
+    if cfg.type == "hf":
+        from seqlm.data.hf_tokenizer import load_hf_tokenizer
+
+        if not cfg.path:
+            raise ValueError("data.tokenizer.path: required when type is hf")
+        return load_hf_tokenizer(cfg.path)
     raise ValueError(f"data.tokenizer.type: unknown tokenizer type {cfg.type!r}")
