@@ -137,11 +137,15 @@ def load_tokenizer(directory) -> Tokenizer:
         tok: Tokenizer = CharTokenizer(spec.get("chars") or [])
     elif kind == "byte":
         tok = ByteTokenizer()
+    elif kind == "ids":  # a synthetic task's ids (seqlm/data/tasks.py)
+        from seqlm.data.tasks import IdTokenizer
+
+        tok = IdTokenizer(int(spec.get("vocab_size", 0)))
     elif kind == "sentencepiece":
         tok = SentencePieceTokenizer.from_file(d / spec.get("model_file", SentencePieceTokenizer.MODEL_FILE),
                                                field=f"tokenizer {str(d)!r}")
     else:
-        raise ValueError(f"tokenizer {str(spec_path)!r}: unknown type {kind!r}; known: char, byte, sentencepiece")
+        raise ValueError(f"tokenizer {str(spec_path)!r}: unknown type {kind!r}; known: char, byte, sentencepiece, ids")
     fp = spec.get("fingerprint")
     if fp is not None and fp != tok.fingerprint():
         raise ValueError(f"tokenizer {str(d)!r}: files do not match the fingerprint in tokenizer.json (corrupted?)")
