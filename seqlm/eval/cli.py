@@ -64,7 +64,7 @@ def run_name(checkpoint) -> str:
 def run_ppl(args) -> int:
     from seqlm.data.sources import expand_files, iter_documents
     from seqlm.eval.perplexity import evaluate_perplexity, plot_curves
-    from seqlm.io.checkpoint import load_model
+    from seqlm.io.pretrained import load_any as load_model
 
     set_threads(args)
     contexts = parse_contexts(args.context)
@@ -102,7 +102,7 @@ def run_ppl(args) -> int:
 def run_generate(args) -> int:
     import torch
 
-    from seqlm.io.checkpoint import load_model
+    from seqlm.io.pretrained import load_any as load_model
 
     set_threads(args)
     if (args.prompt is None) == (args.prompt_file is None):

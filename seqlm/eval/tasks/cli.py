@@ -36,7 +36,7 @@ def run_name(checkpoint) -> str:
 
 def _load(args):
     from seqlm.eval.cli import _device, set_threads
-    from seqlm.io.checkpoint import load_model
+    from seqlm.io.pretrained import load_any as load_model
 
     set_threads(args)
     model, cfg, tok = load_model(args.checkpoint, _device(args.device))
@@ -55,7 +55,7 @@ def run_mqar(args) -> int:
     from seqlm.eval.tasks.common import plot_curve, write_json
     from seqlm.eval.tasks.mqar import MQARSpec, evaluate_mqar
     from seqlm.eval.cli import _device, set_threads
-    from seqlm.io.checkpoint import load_model
+    from seqlm.io.pretrained import load_any as load_model
 
     set_threads(args)
     model, cfg, tok = load_model(args.checkpoint, _device(args.device))
