@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-# modules contributing subcommands (train, tokenizer, eval, generate, convert, distill)
+# modules contributing subcommands (train, tokenizer, eval, generate, convert)
 COMMAND_MODULES = [
     "seqlm.train.cli",
     "seqlm.data.cli",

@@ -251,6 +251,18 @@ class TokenizerConfig(Section):
         return self
 
 
+class TaskDataConfig(Section):
+    """A synthetic task to train on instead of text (seqlm/data/tasks.py); L = train.seq_len."""
+
+    type: Literal["mqar"] = Field("mqar", description="`mqar`: multi-query associative recall (Zoology's generator).")
+    num_pairs: int = Field(4, gt=0, description="MQAR: key-value pairs per example (4 * num_pairs <= seq_len).")
+    vocab_size: int = Field(8192, gt=3, description="MQAR: vocabulary (keys from the lower half, values from the upper).")
+    n_train: int = Field(20000, gt=0, description="Training examples generated once (sampled with replacement).")
+    n_val: int = Field(1000, gt=0, description="Held-out examples for the validation loss.")
+    seed: int = Field(0, description="Generator seed (the validation set uses seed + 10000).")
+    random_fill: bool = Field(True, description="MQAR: filler tokens random (Zoology) or 0.")
+
+
 class SourceConfig(Section):
     """One source of a weighted mixture (`data.sources`)."""
 
@@ -305,6 +317,10 @@ class DataConfig(Section):
     verify_cache: bool = Field(
         False, description="Rehash every data file on launch; by default a file is rehashed only when its "
         "size or times changed."
+    )
+    task: Optional[TaskDataConfig] = Field(
+        None, description="Train on a synthetic task (e.g. MQAR) instead of `files`; the tokenizer is then "
+        "the task's id tokenizer."
     )
 
     @field_validator("files")

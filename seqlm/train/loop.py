@@ -80,6 +80,13 @@ def _prepare(cfg: RunConfig, resume):
     from seqlm.data.dataset import load_data
     from seqlm.data.tokenizers import build_tokenizer, load_tokenizer
 
+    if getattr(cfg.data, "task", None) is not None:  # a synthetic task instead of text
+        from seqlm.data.tasks import load_task
+
+        ckpt = (Path(cfg.train.out_dir) / "checkpoint" if resume is True else Path(resume)) if resume else None
+        if ckpt is not None and not (ckpt / "model.safetensors").exists():
+            raise CheckpointError(f"--resume: no checkpoint at {str(ckpt)!r}")
+        return (*load_task(cfg.data.task, cfg.train.seq_len), ckpt)
     ckpt = None
     if resume:
         where = Path(cfg.train.out_dir) / "checkpoint" if resume is True else Path(resume)
@@ -313,7 +320,8 @@ def _train(cfg: RunConfig, resume, stop_at: Optional[int], sig: _StopSignals) ->
         prompt = torch.tensor(tok.encode(cfg.eval.sample_prompt) or [tok.eos_id], device=device)
         ids = model.generate(prompt, cfg.eval.sample_tokens, cfg.eval.temperature, cfg.eval.top_k,
                              cfg.eval.top_p, seed=tc.seed)
-        sample = tok.decode(ids.tolist())
+        # the sample echoes its prompt (decoded with it, so a multi-token prompt stays whole)
+        sample = tok.decode((prompt.tolist() if cfg.eval.sample_prompt else []) + ids.tolist())
     return {"step": step, "train_loss": loss_val, "val_loss": val_loss, "val_ppl": math.exp(val_loss),
             "tokens_per_s": trained_tps, "wall_s": wall, "n_params": n_params, "sample": sample,
             "checkpoint": str(path), "meta": read_meta(path), "bad_steps": bad_total}
