@@ -12,9 +12,12 @@ FORBIDDEN = {
     "seqlm.stack": ["seqlm.train", "seqlm.memory", "seqlm.eval", "seqlm.io", "seqlm.model"],
     "seqlm.memory": ["seqlm.train", "seqlm.eval", "seqlm.io"],
     "seqlm.recursive": ["seqlm.train", "seqlm.eval", "seqlm.io", "seqlm.model"],
-    "seqlm.io": ["seqlm.train", "seqlm.eval"],
+    "seqlm.io": ["seqlm.train", "seqlm.eval", "seqlm.distill"],
     "seqlm.eval.perplexity": ["seqlm.train"],
     "seqlm.eval.cli": ["seqlm.train"],
+    "seqlm.distill.mixers": ["seqlm.train", "seqlm.eval", "seqlm.io"],
+    "seqlm.distill.init": ["seqlm.train", "seqlm.eval", "seqlm.io"],
+    "seqlm.train": ["seqlm.distill"],
 }
 
 

@@ -89,9 +89,13 @@ def _prepare(cfg: RunConfig, resume):
     return tok, load_data(cfg.data, tok, seq_len=cfg.train.seq_len), ckpt
 
 
-def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
+def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None, objective=None) -> dict:
     """Train per ``cfg``; ``resume`` = True (out_dir/checkpoint) or a checkpoint path;
     ``stop_at`` ends the run after that step with a checkpoint (for interrupted runs).
+    ``objective`` (pluggable loss, e.g. seqlm/distill): ``objective.setup(model, device)`` runs
+    once after the model is built, before the optimizer (it may freeze parameters and own extra
+    modules such as a teacher); ``objective.loss(model, x, y)`` then replaces ``model.loss(x, y)``
+    in the training steps. Validation still reports the model's own cross-entropy.
     Returns final metrics: val_loss, val_ppl, tokens_per_s, wall_s, sample, checkpoint."""
     tc = cfg.train
     if tc.threads:
@@ -104,6 +108,8 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
     tok, data, ckpt = _prepare(cfg, resume)
     torch.manual_seed(tc.seed)
     model = build_model(cfg, tok.vocab_size).to(device)
+    if objective is not None:
+        objective.setup(model, device)
     opt = make_optimizer(model, tc)
     gen = torch.Generator().manual_seed(tc.seed)
     step = 0
@@ -153,7 +159,10 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
             for _ in range(tc.grad_accum):
                 x, y = data.get_batch("train", tc.batch_size, tc.seq_len, gen, device)
                 with autocast(device, amp):
-                    loss = fwd.loss(x, y) if fwd is model else _compiled_loss(fwd, x, y)
+                    if objective is not None:
+                        loss = objective.loss(fwd, x, y)
+                    else:
+                        loss = fwd.loss(x, y) if fwd is model else _compiled_loss(fwd, x, y)
                 (loss / tc.grad_accum).backward()
                 loss_sum += loss.item()
             loss_val = loss_sum / tc.grad_accum
