@@ -151,7 +151,8 @@ def distill(cfg: RunConfig, resume: bool = False, stop_at: Optional[tuple] = Non
         last = k == len(dc.stages) - 1
         scfg = _with_model(cfg, smc, max_steps=steps, lr=st.lr, min_lr=st.lr / 10 if st.min_lr is None else st.min_lr,
                            warmup_steps=st.warmup_steps, schedule=st.schedule, out_dir=str(sdir),
-                           init_from=str(prev / "checkpoint" if prev is not init else prev))
+                           init_from=str(prev / "checkpoint" if prev is not init else prev),
+                           log_every=min(cfg.train.log_every, max(1, steps // 20)))  # >= 20 records a stage
         if not last:
             scfg.eval.sample_tokens = 0
         trainable = st.trainable or ("all" if st.kind == "logits" else "mixers")
