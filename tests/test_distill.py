@@ -160,6 +160,18 @@ def test_attention_to_mamba_and_h3_init():
                 assert torch.equal(m.shift_weight[:, -1], torch.ones(32)) and not m.shift_weight[:, :-1].any()
 
 
+def test_data_tokenizer_must_be_the_teachers(teacher, tmp_path):
+    tmp, ckpt = teacher
+    d = {**base(tmp_path, "tk"), "distill": {"teacher": ckpt, "from_teacher": {"pattern": "2-"},
+                                              "stages": [{"kind": "logits", "steps": 1}]}}
+    d["data"]["tokenizer"] = {"type": "byte"}
+    with pytest.raises(ConfigError, match=r"data\.tokenizer\.type: 'byte'.*teacher's tokenizer is 'char'"):
+        distill(parse_config(d))
+    d["distill"]["teacher"] = str(tmp_path / "nope")
+    with pytest.raises(ValueError, match="distill.teacher: no such directory"):
+        distill(parse_config(d))
+
+
 def test_student_config_errors_name_the_field():
     tcfg = parse_config({"model": TEACHER_MODEL})
     with pytest.raises(ConfigError, match=r"pattern\[1\].*'mlp'"):

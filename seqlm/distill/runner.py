@@ -108,6 +108,9 @@ def distill(cfg: RunConfig, resume: bool = False, stop_at: Optional[tuple] = Non
     run = Path(cfg.train.out_dir)
     run.mkdir(parents=True, exist_ok=True)
     teacher, tcfg, tok = load_teacher(dc.teacher)
+    if "tokenizer" in cfg.data.model_fields_set and cfg.data.tokenizer.type != tok.type:
+        raise ConfigError(f"data.tokenizer.type: {cfg.data.tokenizer.type!r}, but the teacher's tokenizer is "
+                          f"{tok.type!r}; distillation tokenizes the data with the teacher's tokenizer")
     smc, pairs, build = plan_student(cfg, teacher, tcfg)
     names = stage_names(cfg)
     stop_stage = None
