@@ -314,3 +314,21 @@ def test_distill_presets_load(path):
 
     cfg = load_config(path)
     assert cfg.distill is not None and cfg.distill.stages
+
+
+@pytest.mark.parametrize("topology", ["memory", "recursive"])
+def test_logit_distillation_into_hmt_and_recursive_students(teacher, tmp_path, topology):
+    tmp, ckpt = teacher
+    d = base(tmp_path, "s")
+    student = {"d_model": 32, "pattern": "2-", "n_layers": 4,
+               "block_defaults": {"mamba2": {"d_state": 8, "head_dim": 8, "chunk_size": 8}}}
+    if topology == "recursive":
+        student["recursive"] = {"groups": 2, "lora_rank": 2}
+    else:
+        d["memory"] = {"segment_len": 8, "n_sensory": 2}
+    d["distill"] = {"teacher": ckpt, "student": student, "stages": [{"kind": "logits", "steps": 4, "lr": 1e-2}]}
+    rep = distill(parse_config(d))
+    model, cfg, _ = load_model(rep["student_checkpoint"])
+    assert (cfg.memory is not None) == (topology == "memory")
+    assert (cfg.model.recursive is not None) == (topology == "recursive")
+    assert rep["student"]["val_loss"] < rep["student"]["val_loss_init"]
