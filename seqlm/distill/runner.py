@@ -106,7 +106,6 @@ def distill(cfg: RunConfig, resume: bool = False, stop_at: Optional[tuple] = Non
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run = Path(cfg.train.out_dir)
-    run.mkdir(parents=True, exist_ok=True)
     teacher, tcfg, tok = load_teacher(dc.teacher)
     if "tokenizer" in cfg.data.model_fields_set and cfg.data.tokenizer.type != tok.type:
         raise ConfigError(f"data.tokenizer.type: {cfg.data.tokenizer.type!r}, but the teacher's tokenizer is "
@@ -120,6 +119,7 @@ def distill(cfg: RunConfig, resume: bool = False, stop_at: Optional[tuple] = Non
                                                 else None)
         if stop_stage is None:
             raise ValueError(f"--stop-at: unknown stage {stop_at[0]!r}; stages: {names} (or 1..{len(names)})")
+    run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(dump_config(cfg))
 
     # the student before stage 1
