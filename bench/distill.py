@@ -18,6 +18,7 @@ Mamba-2; the hybrid closer to the teacher than pure Mamba-2.
     python bench/distill.py --mode quick     # a few CPU minutes: shrunk teacher and budgets
     python bench/distill.py --mode full      # the issue's setting
     python bench/distill.py --mode full --teacher-steps 1000   # a labelled partial run
+    python bench/distill.py --mode full --order mamba2_scratch,hybrid_scratch,mamba2_23 &  # a 2nd process
 
 Prints one JSON object and writes bench/results/distill_<mode>.json.
 """
@@ -81,13 +82,35 @@ def stage_steps(total: int, stages: str) -> list[dict]:
     return out
 
 
+PLANS = {"mamba2_123": ("2-", "123"), "hybrid_123": ("2-*-", "123"), "mamba2_scratch": ("2-", None),
+         "mamba2_3": ("2-", "3"), "mamba2_23": ("2-", "23"), "hybrid_scratch": ("2-*-", None)}
+
+
+def targets(runs: dict) -> dict:
+    out = {}
+    if "teacher" in runs:
+        for name, r in runs.items():
+            if name != "teacher":
+                r["gap_to_teacher"] = r["val_loss"] - runs["teacher"]["val_loss"]
+    if "mamba2_123" in runs and "teacher" in runs:
+        out["mamba2_within_0.05_of_teacher"] = runs["mamba2_123"]["gap_to_teacher"] <= 0.05
+    if "mamba2_123" in runs and "mamba2_scratch" in runs:
+        out["mamba2_distilled_beats_scratch"] = runs["mamba2_123"]["val_loss"] < runs["mamba2_scratch"]["val_loss"]
+    if "mamba2_123" in runs and "hybrid_123" in runs and "teacher" in runs:
+        out["hybrid_closer_than_mamba2"] = runs["hybrid_123"]["gap_to_teacher"] < runs["mamba2_123"]["gap_to_teacher"]
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", choices=["quick", "full"], default="quick")
     ap.add_argument("--teacher-steps", type=int, default=None, help="override (labelled as partial)")
     ap.add_argument("--fraction", type=float, default=0.2, help="student budget / teacher tokens")
     ap.add_argument("--out", default=None, help="work dir (default runs/bench_distill_<mode>)")
-    ap.add_argument("--only", default=None, help="comma list of runs to do (for partial runs)")
+    ap.add_argument("--order", default=",".join(["teacher", *PLANS]),
+                    help="runs in the order this process takes them. Several processes may share one work "
+                         "dir: each run is claimed once (a .claim file), results merge into one JSON, and a "
+                         "distilled run waits for the teacher")
     args = ap.parse_args()
     torch.set_num_threads(1)
     work = Path(args.out or ROOT / "runs" / f"bench_distill_{args.mode}")
@@ -97,74 +120,79 @@ def main() -> int:
     tsteps = base["train"]["max_steps"]
     budget = max(10, round(args.fraction * tsteps))
     t0 = time.perf_counter()
-    results: dict = {"mode": args.mode, "partial": args.teacher_steps is not None or args.only is not None,
-                     "cpu": cpu_model(), "threads": 1, "torch": torch.__version__,
-                     "teacher_steps": tsteps, "student_steps": budget,
-                     "tokens_per_step": base["train"]["batch_size"] * base["train"]["seq_len"],
-                     "stage_split": {"orient": MOHAWK_SPLIT[0], "align": MOHAWK_SPLIT[1]}, "runs": {}}
+    header = {"mode": args.mode, "partial": args.teacher_steps is not None,
+              "cpu": cpu_model(), "threads": 1, "torch": torch.__version__,
+              "teacher_steps": tsteps, "student_steps": budget,
+              "tokens_per_step": base["train"]["batch_size"] * base["train"]["seq_len"],
+              "stage_split": {"orient": MOHAWK_SPLIT[0], "align": MOHAWK_SPLIT[1]}}
     out_json = ROOT / "bench" / "results" / f"distill_{args.mode}.json"
+    mine: dict = {}
 
-    def save():
-        results["wall_s"] = time.perf_counter() - t0
+    def save() -> dict:
+        runs = {}
+        if out_json.exists():
+            old = json.loads(out_json.read_text())
+            if all(old.get(k) == header[k] for k in ("mode", "teacher_steps", "student_steps")):
+                runs = old.get("runs", {})
+        runs.update(mine)
+        res = {**header, "runs": runs, "targets": targets(runs)}
+        res["wall_s_this_process"] = time.perf_counter() - t0
         out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(results, indent=2))
+        tmp = out_json.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(res, indent=2))
+        os.replace(tmp, out_json)
+        return res
 
-    # teacher
+    def claim(name: str) -> bool:
+        try:
+            os.close(os.open(work / f"{name}.claim", os.O_CREAT | os.O_EXCL))
+            return True
+        except FileExistsError:
+            return False
+
     tc = json.loads(json.dumps(base))
     tc["train"]["out_dir"] = str(work / "teacher")
     tck = work / "teacher" / "checkpoint"
-    if (tck / "meta.json").exists() and json.loads((tck / "meta.json").read_text()).get("step") == tsteps:
-        meta = json.loads((tck / "meta.json").read_text())
-        tres = {"val_loss": meta["val_loss"], "n_params": meta["n_params"], "reused": True}
-    else:
-        t1 = time.perf_counter()
-        r = train(parse_config(tc))
-        tres = {"val_loss": r["val_loss"], "n_params": r["n_params"], "wall_s": time.perf_counter() - t1}
-    results["runs"]["teacher"] = tres
-    print(f"teacher: val {tres['val_loss']:.4f}", flush=True)
-    save()
-
     tcfg = parse_config(tc)
-    plans = {"mamba2_123": ("2-", "123"), "hybrid_123": ("2-*-", "123"), "mamba2_23": ("2-", "23"),
-             "mamba2_3": ("2-", "3"), "mamba2_scratch": ("2-", None), "hybrid_scratch": ("2-*-", None)}
-    only = set(args.only.split(",")) if args.only else None
-    for name, (pattern, stages) in plans.items():
-        if only and name not in only:
+
+    def teacher_done() -> bool:
+        meta = tck / "meta.json"
+        return meta.exists() and json.loads(meta.read_text()).get("step") == tsteps
+
+    for name in args.order.split(","):
+        if name != "teacher" and name not in PLANS:
+            raise SystemExit(f"--order: unknown run {name!r}; known: teacher, {', '.join(PLANS)}")
+        if not claim(name):
             continue
         t1 = time.perf_counter()
         d = json.loads(json.dumps(base))
         d["train"]["out_dir"] = str(work / name)
-        if stages is None:   # same architecture, fresh init, cross-entropy, same tokens
-            smc, _ = student_config(tcfg.model, FromTeacherConfig(pattern=pattern))
+        if name == "teacher":
+            r = train(tcfg)
+            res = {"val_loss": r["val_loss"], "n_params": r["n_params"]}
+        elif PLANS[name][1] is None:   # same architecture, fresh init, cross-entropy, same tokens
+            smc, _ = student_config(tcfg.model, FromTeacherConfig(pattern=PLANS[name][0]))
             d["model"] = smc.model_dump(mode="json")
             d["train"].update(max_steps=budget, lr=2e-3, warmup_steps=max(1, budget // 20))
             r = train(parse_config(d))
             res = {"val_loss": r["val_loss"], "n_params": r["n_params"]}
         else:
+            while not teacher_done():
+                time.sleep(20)
+            pattern, stages = PLANS[name]
             d["distill"] = {"teacher": str(tck), "from_teacher": {"pattern": pattern},
                             "stages": stage_steps(budget, stages), "kl_weight": 1.0, "ce_weight": 0.0}
             rep = distill(parse_config(d))
             res = {"val_loss": rep["student"]["val_loss"], "n_params": rep["student"]["n_params"],
-                   "val_loss_init": rep["student"]["val_loss_init"],
+                   "val_loss_init": rep["student"]["val_loss_init"], "teacher_val_loss_same_windows":
+                   rep["teacher"]["val_loss"],
                    "stages": [{k: s[k] for k in ("kind", "steps", "first_loss", "final_loss", "val_loss_after")}
                               for s in rep["stages"]]}
-        res["gap_to_teacher"] = res["val_loss"] - tres["val_loss"]
         res["wall_s"] = time.perf_counter() - t1
-        results["runs"][name] = res
-        print(f"{name}: val {res['val_loss']:.4f} (gap {res['gap_to_teacher']:+.4f})", flush=True)
+        mine[name] = res
+        print(f"{name}: val {res['val_loss']:.4f}", flush=True)
         save()
-
-    R = results["runs"]
-    tgt = {}
-    if "mamba2_123" in R:
-        tgt["mamba2_within_0.05_of_teacher"] = R["mamba2_123"]["gap_to_teacher"] <= 0.05
-    if "mamba2_123" in R and "mamba2_scratch" in R:
-        tgt["mamba2_distilled_beats_scratch"] = R["mamba2_123"]["val_loss"] < R["mamba2_scratch"]["val_loss"]
-    if "mamba2_123" in R and "hybrid_123" in R:
-        tgt["hybrid_closer_than_mamba2"] = R["hybrid_123"]["gap_to_teacher"] < R["mamba2_123"]["gap_to_teacher"]
-    results["targets"] = tgt
-    save()
-    print(json.dumps(results, indent=2))
+    print(json.dumps(save(), indent=2))
     return 0
 
 
