@@ -20,7 +20,8 @@ Mamba-2; the hybrid closer to the teacher than pure Mamba-2.
     python bench/distill.py --mode full --teacher-steps 1000   # a labelled partial run
     python bench/distill.py --mode full --order mamba2_scratch,hybrid_scratch,mamba2_23 &  # a 2nd process
 
-Prints one JSON object and writes bench/results/distill_<mode>.json.
+Prints one JSON object and writes bench/results/distill_<mode>.json;
+`python bench/distill.py --table bench/results/distill_full.json` prints the README table.
 """
 from __future__ import annotations
 
@@ -101,7 +102,32 @@ def targets(runs: dict) -> dict:
     return out
 
 
+LABELS = {"teacher": "teacher (attention preset)", "mamba2_123": "Mamba-2, distilled 1+2+3",
+          "mamba2_23": "Mamba-2, distilled 2+3", "mamba2_3": "Mamba-2, distilled 3 only",
+          "mamba2_scratch": "Mamba-2, from scratch (CE)", "hybrid_123": "hybrid 50% attn, distilled 1+2+3",
+          "hybrid_scratch": "hybrid 50% attn, from scratch (CE)"}
+
+
+def table(res: dict) -> str:
+    """The README table (markdown) from a results JSON."""
+    tok = res["tokens_per_step"]
+    rows = ["| run | steps | tokens | params | val loss | gap to teacher |", "|---|---|---|---|---|---|"]
+    for name in ["teacher", "mamba2_123", "mamba2_23", "mamba2_3", "mamba2_scratch", "hybrid_123", "hybrid_scratch"]:
+        r = res["runs"].get(name)
+        if r is None:
+            rows.append(f"| {LABELS[name]} | not run | | | | |")
+            continue
+        steps = res["teacher_steps"] if name == "teacher" else res["student_steps"]
+        gap = "" if name == "teacher" else f"{r.get('gap_to_teacher', float('nan')):+.3f}"
+        rows.append(f"| {LABELS[name]} | {steps} | {steps * tok / 1e6:.2f}M | {r['n_params'] / 1e3:.0f}k | "
+                    f"{r['val_loss']:.3f} | {gap} |")
+    return "\n".join(rows)
+
+
 def main() -> int:
+    if "--table" in sys.argv:
+        print(table(json.loads(Path(sys.argv[sys.argv.index("--table") + 1]).read_text())))
+        return 0
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", choices=["quick", "full"], default="quick")
     ap.add_argument("--teacher-steps", type=int, default=None, help="override (labelled as partial)")
