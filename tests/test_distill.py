@@ -14,6 +14,7 @@ from seqlm.distill.mixers import LayerTrace, mamba2_parts, mamba_parts, mixing_m
 from seqlm.distill.objectives import OBJECTIVES
 from seqlm.distill.runner import distill
 from seqlm.io import build_model, load_model
+from seqlm.io.checkpoint import resolve_checkpoint
 from seqlm.train.loop import train
 
 TEXT = "".join(f"line {i % 37}: the quick brown fox jumps over the lazy dog {i % 7}.\n" for i in range(500))
@@ -47,6 +48,10 @@ def distill_cfg(tmp, teacher_ckpt, out, stages, **distill_kw):
 
 STAGES = [{"kind": "orient", "steps": 12, "lr": 2e-2}, {"kind": "align", "steps": 12, "lr": 3e-3},
           {"kind": "logits", "steps": 12, "lr": 1e-3}]
+
+
+def weights(path):
+    return load_file(str(resolve_checkpoint(path) / "model.safetensors"))
 
 
 def stage_losses(run, name):
@@ -226,10 +231,8 @@ def test_each_stage_lowers_its_loss_and_report(mohawk):
 def test_stage2_keeps_frozen_parameters_bit_identical(mohawk):
     tmp, _, _, _ = mohawk
     run = tmp / "d"
-    init = load_file(str(run / "init" / "model.safetensors"))
-    s1 = load_file(str(run / "1-orient" / "checkpoint" / "model.safetensors"))
-    s2 = load_file(str(run / "2-align" / "checkpoint" / "model.safetensors"))
-    s3 = load_file(str(run / "3-logits" / "checkpoint" / "model.safetensors"))
+    init = weights(run / "init")
+    s1, s2, s3 = (weights(run / name / "checkpoint") for name in ("1-orient", "2-align", "3-logits"))
     changed = []
     for k in s2:
         if k.startswith("stack.blocks.0."):                 # the converted mixer trains
@@ -249,8 +252,7 @@ def test_resume_in_the_middle_of_stage2_continues_exactly(mohawk):
     rep2 = distill(cfg, resume=True)
     for name in ("1-orient", "2-align", "3-logits"):
         assert stage_losses(tmp / "r", name) == stage_losses(tmp / "d", name), name
-    a = load_file(str(tmp / "d" / "3-logits" / "checkpoint" / "model.safetensors"))
-    b = load_file(str(tmp / "r" / "3-logits" / "checkpoint" / "model.safetensors"))
+    a, b = (weights(tmp / run / "3-logits" / "checkpoint") for run in ("d", "r"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert rep2["student"]["val_loss"] == rep["student"]["val_loss"]

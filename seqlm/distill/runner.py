@@ -3,7 +3,7 @@ stage objective, so checkpoints, ``--resume``, logs and progress bars are the lo
 
 Run directory (``train.out_dir``):
     init/            the student before stage 1 (from the teacher, or fresh, or student_init)
-    <stage name>/    one training run per stage: checkpoint/, metrics.jsonl, tb/, loss.png;
+    <stage name>/    one training run per stage: checkpoint/ (root), metrics.jsonl, tb/, loss.png;
                      stage k starts from stage k-1's checkpoint (train.init_from)
     report.json      the final report (also printed)
 Resuming: finished stages (their checkpoint holds the final step and val_loss) are skipped,
@@ -24,7 +24,7 @@ from seqlm.distill.init import init_from_teacher, student_config
 from seqlm.distill.mixers import has_matrix
 from seqlm.distill.objectives import OBJECTIVES, trainable_names
 from seqlm.io import build_model, load_model, read_meta, save_checkpoint
-from seqlm.io.checkpoint import CheckpointError
+from seqlm.io.checkpoint import CheckpointError, find_checkpoint
 from seqlm.train.loop import autocast_dtype, estimate_loss, resolve_device, train
 from seqlm.train.metrics import read_metrics
 
@@ -92,9 +92,12 @@ def _check_pairs(cfg, student, pairs):
                                   f"layer {bad[0]} is {student.stack.blocks[bad[0]].name!r}")
 
 
-def _stage_done(ckpt: Path, steps: int) -> bool:
-    meta = read_meta(ckpt) if (ckpt / "meta.json").exists() else {}
-    return meta.get("step") == steps and "val_loss" in meta and not meta.get("interrupted")
+def _stage_done(root: Path, steps: int) -> bool:
+    """The stage's newest checkpoint is its final one (last step, validated)."""
+    if find_checkpoint(root) is None:
+        return False
+    meta = read_meta(root)
+    return meta.get("step") == steps and "val_loss" in meta
 
 
 def distill(cfg: RunConfig, resume: bool = False, stop_at: Optional[tuple] = None) -> dict:
@@ -135,7 +138,7 @@ def distill(cfg: RunConfig, resume: bool = False, stop_at: Optional[tuple] = Non
             raise CheckpointError(f"distill.student_init: {str(src)!r} uses another tokenizer than the teacher")
         from seqlm.io import load_weights
         load_weights(student, src)
-    if not (resume and (init / "model.safetensors").exists()):
+    if not (resume and find_checkpoint(init) is not None):
         save_checkpoint(init, student, _with_model(cfg, smc), tok, meta={"distill": "init", "pairs": pairs})
 
     from seqlm.data.dataset import load_data
@@ -154,7 +157,7 @@ def distill(cfg: RunConfig, resume: bool = False, stop_at: Optional[tuple] = Non
         last = k == len(dc.stages) - 1
         scfg = _with_model(cfg, smc, max_steps=steps, lr=st.lr, min_lr=st.lr / 10 if st.min_lr is None else st.min_lr,
                            warmup_steps=st.warmup_steps, schedule=st.schedule, out_dir=str(sdir),
-                           init_from=str(prev / "checkpoint" if prev is not init else prev),
+                           init_from=str(prev if prev is init else prev / "checkpoint"),
                            log_every=min(cfg.train.log_every, max(1, steps // 20)))  # >= 20 records a stage
         if not last:
             scfg.eval.sample_tokens = 0
@@ -167,10 +170,10 @@ def distill(cfg: RunConfig, resume: bool = False, stop_at: Optional[tuple] = Non
             res = {"val_loss": read_meta(ckpt)["val_loss"], "step": steps, "resumed": "done"}
         else:
             print(f"distill stage {k + 1}/{len(names)}: {name} ({st.kind}, {steps} steps, trains {trainable})")
-            again = resume and (ckpt / "trainer.pt").exists()
-            (sdir).mkdir(parents=True, exist_ok=True)
+            sdir.mkdir(parents=True, exist_ok=True)
             (sdir / "config.yaml").write_text(dump_config(scfg))
-            res = train(scfg, resume=True if again else None, stop_at=stop, objective=obj)
+            # resume=True continues the stage's newest checkpoint, or starts it fresh (init_from)
+            res = train(scfg, resume=True if resume else None, stop_at=stop, objective=obj)
             if res.get("stopped"):
                 return {"stopped": True, "stage": name, "step": res["step"], "checkpoint": res["checkpoint"]}
         recs = [r for r in read_metrics(sdir / "metrics.jsonl") if r.get("kind") == "train"]
