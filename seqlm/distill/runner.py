@@ -78,10 +78,13 @@ def _with_model(cfg: RunConfig, smc, **train) -> RunConfig:
     return parse_config(data, "<distill stage config>")
 
 
-def _check_pairs(cfg, student, pairs):
+def _check_pairs(cfg, tcfg, student, pairs):
     for k, st in enumerate(cfg.distill.stages):
         if st.kind == "logits":
             continue
+        if getattr(tcfg, "memory", None) is not None:
+            raise ConfigError(f"distill.stages[{k}].kind: {st.kind} reads the teacher layer by layer; an HMT "
+                              "teacher runs segment by segment: use logits stages")
         if not pairs:
             raise ConfigError(f"distill.stages[{k}].kind: {st.kind} needs student layers paired with teacher "
                               "attention layers (from_teacher, or a student with the teacher's layer count)")
@@ -130,7 +133,7 @@ def distill(cfg: RunConfig, resume: bool = False, stop_at: Optional[tuple] = Non
     student = build()
     if student.vocab_size != teacher.vocab_size:
         raise ConfigError(f"distill.student.vocab_size: {student.vocab_size} != the teacher's {teacher.vocab_size}")
-    _check_pairs(cfg, student, pairs)
+    _check_pairs(cfg, tcfg, student, pairs)
     if dc.student_init is not None:
         src = Path(dc.student_init)
         meta = read_meta(src)
