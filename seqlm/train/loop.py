@@ -102,7 +102,7 @@ def _prepare(cfg: RunConfig, resume):
                                   f"(tokenizer/ missing)")
         tok = _load_tok(src, "memory.init_from")
     else:
-        tok = build_tokenizer(cfg.data.tokenizer, cfg.data.files, text_field=cfg.data.text_field)
+        tok = build_tokenizer(cfg.data.tokenizer, data=cfg.data)
     return tok, load_data(cfg.data, tok, seq_len=cfg.train.seq_len), ckpt
 
 
