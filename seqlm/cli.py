@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "seqlm.data.cli",
     "seqlm.eval.cli",
     "seqlm.convert",
+    "seqlm.distill.cli",
 ]
 
 
