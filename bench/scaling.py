@@ -42,6 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.machine import machine_info  # noqa: E402
 BLOCKS = ["mamba", "mamba2", "h3", "attention"]
 FULL_L = [1024, 2048, 4096, 8192, 16384, 32768]
 QUICK_L = [1024, 2048, 4096]
@@ -195,6 +196,7 @@ def main() -> None:
            "ssm_target": "t(32k)/t(1k) <= 40", "blocks": results}
     res = ROOT / "bench" / "results" / "scaling.json"
     res.parent.mkdir(parents=True, exist_ok=True)
+    out["machine"] = machine_info(args.threads)
     res.write_text(json.dumps(out, indent=2) + "\n")
     plot(results, ROOT / "docs" / "img" / "scaling.png",
          f"one layer, d_model {args.d_model}, batch 1, fp32 CPU, {args.threads} thread(s)")

@@ -6,12 +6,13 @@ import argparse
 import importlib
 import sys
 
-# modules contributing subcommands (train, tokenizer, eval, generate, convert, distill)
+# modules contributing subcommands (train, tokenizer, eval, generate, convert)
 COMMAND_MODULES = [
     "seqlm.train.cli",
     "seqlm.data.cli",
     "seqlm.eval.cli",
     "seqlm.convert",
+    "seqlm.distill.cli",
 ]
 
 

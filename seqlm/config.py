@@ -14,7 +14,7 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, ValidationError,
@@ -251,6 +251,18 @@ class TokenizerConfig(Section):
         return self
 
 
+class TaskDataConfig(Section):
+    """A synthetic task to train on instead of text (seqlm/data/tasks.py); L = train.seq_len."""
+
+    type: Literal["mqar"] = Field("mqar", description="`mqar`: multi-query associative recall (Zoology's generator).")
+    num_pairs: int = Field(4, gt=0, description="MQAR: key-value pairs per example (4 * num_pairs <= seq_len).")
+    vocab_size: int = Field(8192, gt=3, description="MQAR: vocabulary (keys from the lower half, values from the upper).")
+    n_train: int = Field(20000, gt=0, description="Training examples generated once (sampled with replacement).")
+    n_val: int = Field(1000, gt=0, description="Held-out examples for the validation loss.")
+    seed: int = Field(0, description="Generator seed (the validation set uses seed + 10000).")
+    random_fill: bool = Field(True, description="MQAR: filler tokens random (Zoology) or 0.")
+
+
 class SourceConfig(Section):
     """One source of a weighted mixture (`data.sources`)."""
 
@@ -305,6 +317,10 @@ class DataConfig(Section):
     verify_cache: bool = Field(
         False, description="Rehash every data file on launch; by default a file is rehashed only when its "
         "size or times changed."
+    )
+    task: Optional[TaskDataConfig] = Field(
+        None, description="Train on a synthetic task (e.g. MQAR) instead of `files`; the tokenizer is then "
+        "the task's id tokenizer."
     )
 
     @field_validator("files")
@@ -445,6 +461,110 @@ class MemoryConfig(Section):
         return self
 
 
+class DistillStageConfig(Section):
+    """One distillation stage (MOHAWK, Bick et al.; `seqlm distill`, seqlm/distill/)."""
+
+    kind: Literal["orient", "align", "logits"] = Field(
+        ..., description="`orient`: matrix orientation (each student mixer, fed the teacher's input to that "
+        "layer, fits its materialised mixing matrix to the teacher's attention matrix; Frobenius distance "
+        "averaged over batch and heads). `align`: hidden-state alignment (each student block's output fits "
+        "the teacher block's output, L2, teacher inputs). `logits`: end-to-end KL to the teacher's "
+        "distribution (with temperature) + weighted CE.",
+    )
+    name: Optional[str] = Field(
+        None, description="Run-dir subfolder of the stage; null = `<index>-<kind>` (e.g. `2-align`).")
+    steps: Optional[int] = Field(None, gt=0, description="Optimizer steps (give steps or tokens).")
+    tokens: Optional[int] = Field(
+        None, gt=0, description="Token budget; steps = ceil(tokens / (batch_size * seq_len * grad_accum)).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate of the stage.")
+    min_lr: Optional[float] = Field(None, ge=0, description="Final LR of cosine / wsd decay; null = lr / 10.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps of the stage.")
+    schedule: Literal["cosine", "wsd", "constant"] = Field("cosine", description="LR schedule (as train.schedule).")
+    trainable: Optional[Union[Literal["mixers", "all"], list[str]]] = Field(
+        None, description="Which parameters train. `mixers`: the student layers paired with teacher attention "
+        "layers (the converted mixers); `all`: every parameter; or a list of regexes over parameter names "
+        "(re.search). null = `mixers` for orient/align, `all` for logits. The rest stay frozen "
+        "(bit-identical).",
+    )
+
+    @model_validator(mode="after")
+    def _budget(self) -> "DistillStageConfig":
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("steps: give exactly one of steps or tokens")
+        if self.name is not None and not re.fullmatch(r"[\w.-]+", self.name):
+            raise ValueError(f"name: must be a plain folder name, got {self.name!r}")
+        return self
+
+
+class FromTeacherConfig(Section):
+    """The student is the teacher with chosen attention layers turned into other mixers."""
+
+    pattern: str = Field(
+        ..., description="One character per teacher layer (tiled when shorter, like model.pattern): `.` keeps "
+        "the teacher's layer; `*` keeps an attention layer; `2` / `M` / `H` turn an attention layer into "
+        "Mamba-2 / Mamba / H3, initialised from it (Mamba-in-the-Llama mapping, see the README); a non-attention "
+        "layer may only be kept (`.` or its own character). E.g. `2-` (pure Mamba-2 from a `*-` teacher), "
+        "`2-*-` (every other attention layer kept).",
+    )
+    block_defaults: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per new block type, fields not fixed by the mapping (e.g. "
+        "`mamba2: {chunk_size: 32}`). The mapping fixes Mamba-2's expand 1, head_dim = d_state = the "
+        "teacher's head dim and ngroups = n_heads, and Mamba's expand 1 and d_state = head dim.",
+    )
+
+    @field_validator("pattern")
+    @classmethod
+    def _chars(cls, v: str) -> str:
+        chars = registry.pattern_chars()
+        if not v:
+            raise ValueError("must be a non-empty string")
+        for i, ch in enumerate(v):
+            if ch != "." and ch not in chars:
+                raise ValueError(f"character {i} {ch!r} unknown (known: '.' = keep, {_char_table()})")
+        return v
+
+
+class DistillConfig(Section):
+    """Distillation (`seqlm distill`): a teacher, a student and the stages that train it."""
+
+    teacher: str = Field(
+        ..., description="The teacher: a seqlm checkpoint directory (or, with the Hugging Face interop, a "
+        "local Hugging Face model directory). Its tokenizer is used for the data and for the student.",
+    )
+    teacher_dtype: Optional[Literal["fp32", "bf16"]] = Field(
+        None, description="dtype the teacher runs in (no_grad, eval mode); null = the student's dtype.")
+    from_teacher: Optional[FromTeacherConfig] = Field(
+        None, description="Build the student from the teacher (give this or `student`).")
+    student: Optional[ModelConfig] = Field(
+        None, description="The student's own model section (any seqlm model, e.g. for logit-only "
+        "distillation); give this or `from_teacher`. The top-level `model:` is not read by `seqlm distill`.",
+    )
+    student_init: Optional[str] = Field(
+        None, description="With `student`: a seqlm checkpoint whose weights start the student (its tokenizer "
+        "must be the teacher's); null = fresh initialisation.",
+    )
+    stages: list[DistillStageConfig] = Field(
+        ..., min_length=1, description="Stages run in order, each from the previous one's weights "
+        "(MOHAWK: orient, align, logits; logit-only distillation: just `logits`).",
+    )
+    temperature: float = Field(1.0, gt=0, description="KD temperature T (the KL term is scaled by T^2).")
+    kl_weight: float = Field(1.0, ge=0, description="Weight of KL(teacher || student) in `logits` stages.")
+    ce_weight: float = Field(0.0, ge=0, description="Weight of the data cross-entropy in `logits` stages.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistillConfig":
+        if (self.from_teacher is None) == (self.student is None):
+            raise ValueError("from_teacher: give exactly one of from_teacher or student")
+        if self.student_init is not None and self.student is None:
+            raise ValueError("student_init: only with `student` (from_teacher starts from the teacher)")
+        if self.kl_weight == 0 and self.ce_weight == 0:
+            raise ValueError("kl_weight: kl_weight and ce_weight are both 0")
+        names = [s.name for s in self.stages if s.name]
+        if len(set(names)) != len(names):
+            raise ValueError("stages: stage names must be unique")
+        return self
+
+
 class RunConfig(Section):
     """A whole run."""
 
@@ -454,6 +574,9 @@ class RunConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Validation and the final sample.")
     memory: Optional[MemoryConfig] = Field(
         None, description="Hierarchical memory (HMT) around the model; null: a plain LM."
+    )
+    distill: Optional[DistillConfig] = Field(
+        None, description="Distillation (`seqlm distill`); null: not a distillation run."
     )
 
     @model_validator(mode="after")

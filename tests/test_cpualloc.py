@@ -61,8 +61,21 @@ def test_import_changes_nothing_but_entry_points_apply():
 
 
 def test_values_fit_mallopts_c_int():
-    # int mallopt(int, int): a larger value would reach glibc truncated (1 << 40 became 0)
-    assert 0 < cpualloc.MMAP_THRESHOLD <= 2**31 - 1 and 0 < cpualloc.TRIM_THRESHOLD <= 2**31 - 1
+    """What configure sends reaches a C ``int mallopt(int, int)`` unchanged (a value past
+    INT_MAX arrives truncated: 1 << 40 became 0, a trim on every free)."""
+    import ctypes
+
+    got = []
+    proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_int)
+    keep = proto(lambda param, value: got.append((param, value)) or 1)
+
+    class Libc:
+        mallopt = keep
+
+    cpualloc.configure({}, Libc())
+    assert got == [(cpualloc.M_MMAP_THRESHOLD, cpualloc.MMAP_THRESHOLD),
+                   (cpualloc.M_TRIM_THRESHOLD, cpualloc.TRIM_THRESHOLD)]
+    assert cpualloc.MMAP_THRESHOLD > 0 and cpualloc.TRIM_THRESHOLD > 0
 
 
 def test_freed_heap_memory_is_reused_without_page_faults():

@@ -70,6 +70,9 @@ class Mamba2Config(BlockConfig):
 class Mamba2(Block):
     Config = Mamba2Config
 
+    #: SSM parameters without weight decay (the reference tags A_log, dt_bias and D)
+    no_weight_decay = ("A_log", "dt_bias", "D")
+
     def __init__(self, cfg: Mamba2Config, d_model: int):
         super().__init__(cfg, d_model)
         self.d_inner = cfg.expand * d_model
