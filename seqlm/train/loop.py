@@ -83,18 +83,8 @@ def _prepare(cfg: RunConfig, resume):
     if getattr(cfg.data, "task", None) is not None:  # a synthetic task instead of text
         from seqlm.data.tasks import load_task
 
-        ckpt = (Path(cfg.train.out_dir) / "checkpoint" if resume is True else Path(resume)) if resume else None
-        if ckpt is not None and not (ckpt / "model.safetensors").exists():
-            raise CheckpointError(f"--resume: no checkpoint at {str(ckpt)!r}")
-        return (*load_task(cfg.data.task, cfg.train.seq_len), ckpt)
-    ckpt = None
-    if resume:
-        where = Path(cfg.train.out_dir) / "checkpoint" if resume is True else Path(resume)
-        ckpt = find_checkpoint(where)
-        if ckpt is None and resume is not True:
-            raise CheckpointError(f"--resume: no checkpoint at {str(where)!r}")
-        if ckpt is None:
-            print(f"--resume: no checkpoint in {str(where)!r} yet; starting a fresh run")
+        return (*load_task(cfg.data.task, cfg.train.seq_len), _resume_from(cfg, resume))
+    ckpt = _resume_from(cfg, resume)
     if ckpt is not None:
         tok = _load_tok(ckpt, "--resume")
     elif cfg.train.init_from:
@@ -111,6 +101,20 @@ def _prepare(cfg: RunConfig, resume):
     else:
         tok = build_tokenizer(cfg.data.tokenizer, data=cfg.data)
     return tok, load_data(cfg.data, tok, seq_len=cfg.train.seq_len), ckpt
+
+
+def _resume_from(cfg: RunConfig, resume) -> Optional[Path]:
+    """The checkpoint directory to resume from: None for a fresh run, or for ``resume=True``
+    when out_dir has no checkpoint yet (auto resume); an explicit path must hold one."""
+    if not resume:
+        return None
+    where = Path(cfg.train.out_dir) / "checkpoint" if resume is True else Path(resume)
+    ckpt = find_checkpoint(where)
+    if ckpt is None and resume is not True:
+        raise CheckpointError(f"--resume: no checkpoint at {str(where)!r}")
+    if ckpt is None:
+        print(f"--resume: no checkpoint in {str(where)!r} yet; starting a fresh run")
+    return ckpt
 
 
 def _load_tok(ckpt: Path, what: str):
