@@ -78,8 +78,12 @@ class LM(nn.Module):
             n -= self.embed.weight.numel()
         return n
 
-    def tp_plan(self) -> dict[str, str]:
-        return {rf"stack\.{k}": v for k, v in self.stack.tp_plan().items()}
+    def tp_plan(self, tp: int = 1) -> dict:
+        """Every parameter's TP spec (seqlm/blocks/plan.py): the stack's plan; the embedding,
+        final norm and (tied) head are replicated."""
+        plan = {rf"stack\.{k}": v for k, v in self.stack.tp_plan(tp).items()}
+        plan.update({r"embed\.weight": "replicate", r"norm_f\..*": "replicate", r"head\.weight": "replicate"})
+        return plan
 
     # -- generation ---------------------------------------------------------------------
     @torch.no_grad()
