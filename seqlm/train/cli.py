@@ -40,6 +40,8 @@ def run_train(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
     res = train(cfg, resume=args.resume, stop_at=args.stop_at)
+    if res.get("rank", 0) != 0:  # multi-rank run: rank 0 reports
+        return 0
     if args.json:
         print(json.dumps({k: v for k, v in res.items() if k != "meta"}, indent=2))
         return 0

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from seqlm.config import RunConfig
+from seqlm.config import ConfigError, RunConfig
 from seqlm.io import build_model
 from seqlm.io import maybe_init_from
 from seqlm.io.checkpoint import (CheckpointError, load_trainer_state, load_weights, read_meta,
@@ -92,7 +92,18 @@ def _prepare(cfg: RunConfig, resume):
 def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
     """Train per ``cfg``; ``resume`` = True (out_dir/checkpoint) or a checkpoint path;
     ``stop_at`` ends the run after that step with a checkpoint (for interrupted runs).
-    Returns final metrics: val_loss, val_ppl, tokens_per_s, wall_s, sample, checkpoint."""
+    Returns final metrics: val_loss, val_ppl, tokens_per_s, wall_s, sample, checkpoint.
+    Under a multi-rank launcher (deepspeed / torchrun) the DeepSpeed path runs instead
+    (seqlm/train/distributed.py)."""
+    from seqlm.parallel.engine import launched
+
+    if launched():
+        from seqlm.train.distributed import train_distributed
+
+        return train_distributed(cfg, resume, stop_at)
+    if cfg.distributed.tp_size > 1:
+        raise ConfigError(f"distributed.tp_size: {cfg.distributed.tp_size} needs that many ranks; start "
+                          f"them with `deepspeed --num_gpus N train.py ...` or `torchrun --nproc_per_node N ...`")
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
