@@ -18,6 +18,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="stop after STEP optimizer steps and write a checkpoint (resume later)")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+    # set by the `deepspeed` launcher (LOCAL_RANK is in the environment too)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted config overrides, e.g. train.lr=3e-4 model.d_model=256")
 
