@@ -262,7 +262,15 @@ class TrainConfig(Section):
         "must describe the same network (use the checkpoint's config.yaml). Not for resuming: see --resume."
     )
     log_every: int = Field(10, gt=0, description="Steps between JSONL/TensorBoard train logs.")
-    checkpoint_every: int = Field(0, ge=0, description="Steps between checkpoints; 0: only at the end.")
+    checkpoint_every: int = Field(
+        0, ge=0, description="Steps between checkpoints; 0: only at the end (and on SIGINT / SIGTERM, "
+        "which always checkpoint at the next step boundary).")
+    keep_last: int = Field(
+        2, gt=0, description="Step checkpoints kept in <out_dir>/checkpoint (the oldest are deleted only "
+        "after a new one is complete).")
+    max_bad_steps: int = Field(
+        5, ge=0, description="Consecutive steps with a non-finite loss or gradient that are skipped (no "
+        "update) before the run stops with a checkpoint of the state before them; 0: stop at the first.")
     progress: bool = Field(True, description="Show a tqdm progress bar.")
 
 

@@ -8,11 +8,13 @@ import sys
 import pytest
 
 FORBIDDEN = {
-    "seqlm.model": ["seqlm.train", "seqlm.memory", "seqlm.eval", "seqlm.io", "seqlm.recursive"],
-    "seqlm.stack": ["seqlm.train", "seqlm.memory", "seqlm.eval", "seqlm.io", "seqlm.model"],
+    "seqlm.model": ["seqlm.train", "seqlm.memory", "seqlm.eval", "seqlm.io", "seqlm.recursive", "seqlm.parallel"],
+    "seqlm.stack": ["seqlm.train", "seqlm.memory", "seqlm.eval", "seqlm.io", "seqlm.model", "seqlm.parallel"],
     "seqlm.memory": ["seqlm.train", "seqlm.eval", "seqlm.io"],
     "seqlm.recursive": ["seqlm.train", "seqlm.eval", "seqlm.io", "seqlm.model"],
-    "seqlm.io": ["seqlm.train", "seqlm.eval"],
+    "seqlm.io": ["seqlm.train", "seqlm.eval", "seqlm.parallel"],
+    "seqlm.parallel": ["seqlm.train", "seqlm.eval"],
+    "seqlm.blocks.mamba2": ["seqlm.parallel", "seqlm.model", "seqlm.stack"],
     "seqlm.eval.perplexity": ["seqlm.train"],
     "seqlm.eval.cli": ["seqlm.train"],
 }

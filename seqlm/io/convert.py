@@ -7,7 +7,7 @@ from typing import Optional
 from torch import nn
 
 from seqlm.config import parse_config
-from seqlm.io.checkpoint import load_model, read_meta, save_checkpoint
+from seqlm.io.checkpoint import CheckpointError, load_model, read_meta, resolve_checkpoint, save_checkpoint
 from seqlm.io.factory import build_model
 from seqlm.recursive import fill_from_unshared
 
@@ -37,6 +37,12 @@ def convert_checkpoint(checkpoint, out, groups: int, rank: int, init: str = "ave
         raise ValueError(f"--groups: must be > 0, got {groups}")
     if rank < 0:
         raise ValueError(f"--rank: must be >= 0, got {rank}")
+    src, dst = Path(checkpoint).resolve(), Path(out).resolve()
+    used = {src, resolve_checkpoint(checkpoint).resolve()}
+    for s in used:  # never replace (or write inside / around) the input
+        if dst == s or s in dst.parents or dst in s.parents:
+            raise CheckpointError(f"--out {str(out)!r} overlaps the input checkpoint {str(checkpoint)!r}; "
+                                  f"choose another directory")
     model, cfg, tok = load_model(checkpoint)
     new, new_cfg = convert_recursive(model, cfg, groups, rank, init, alpha)
     before, after = model.num_params(), new.num_params()

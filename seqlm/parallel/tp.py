@@ -41,8 +41,13 @@ class RowParallelLinear(nn.Linear):
     tp_group = None
     tp_mode = "row"  # "row": identity backward; "row_grad": all-reduce backward too
 
+    tp_overlap = None  # a ladder Overlap: all-reduce issued async, waited one sub-layer later
+
     def forward(self, x, scale=None):
         y = F.linear(x, self.weight if scale is None else self.weight * scale)
+        ov = self.tp_overlap
+        if ov is not None and ov.active and self.bias is None and self.tp_mode == "row":
+            return ov.reduce(y, self.tp_group)
         y = (reduce_from if self.tp_mode == "row" else all_reduce_sum)(y, self.tp_group)
         return y if self.bias is None else y + self.bias
 
@@ -146,7 +151,29 @@ def shard_model(model: nn.Module, group, ladder_overlap: bool = False) -> nn.Mod
                 raise ValueError(f"tp_reduce: unknown kind {kind!r} for {type(blk).__name__}.{path}")
         blk.register_forward_pre_hook(_block_input_hook(group), with_kwargs=True)
     model.tp_group, model.tp_size = group, tp
+    model.tp_overlap = _ladder_overlap(model) if ladder_overlap else []
     return model
+
+
+def _ladder_overlap(model: nn.Module) -> list:
+    """Attach an :class:`~seqlm.parallel.ladder.Overlap` to every ladder stack without
+    dropout: its blocks' out_proj all-reduces run async, waited one sub-layer later."""
+    from seqlm.parallel.ladder import Overlap
+    from seqlm.stack import Stack
+
+    out = []
+    for st in (m for m in model.modules() if isinstance(m, Stack)):
+        if not st.ladder or st.cfg.dropout > 0 or st.n_layers < 2:
+            continue
+        ov = Overlap(st.n_layers)
+        for blk in st.blocks:
+            out_proj = getattr(blk, "out_proj", None)
+            if isinstance(out_proj, RowParallelLinear):
+                out_proj.tp_overlap = ov
+            blk.register_forward_pre_hook(ov.pre, with_kwargs=True)
+            blk.register_forward_hook(ov.post, with_kwargs=True)
+        out.append(ov)
+    return out
 
 
 @torch.no_grad()

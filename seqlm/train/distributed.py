@@ -90,40 +90,51 @@ def _run(cfg, resume, stop_at, tp_group, dp_group, rank, world, dp, dp_rank, dev
         load_weights(model, tc.init_from)
     elif ckpt is None:
         maybe_init_from(model, cfg)
-    elif not (ds_dir / "latest").exists():  # no DeepSpeed state: restart from the weights
+    tag = None if ckpt is None else f"step{read_meta(ckpt)['step']}"
+    if ckpt is not None and not (ds_dir / tag).is_dir():
+        print(f"--resume: no DeepSpeed state for {tag} in {str(ds_dir)!r}; continuing from the weights "
+              f"of {str(ckpt)!r} with a fresh optimizer", file=sys.stderr)
         load_weights(model, ckpt)
     n_params = model.num_params()
-    model = shard_model(model.to(device), tp_group)
+    model = shard_model(model.to(device), tp_group, ladder_overlap=dc.ladder_overlap)
     conf = E.ds_config(cfg, dp, device, ds_bf16)
     if rank == 0:
         (out / "deepspeed_config.json").write_text(json.dumps(conf, indent=2))
     engine = E.build_engine(model, param_groups(model, tc.weight_decay), conf)
     gen = torch.Generator().manual_seed(tc.seed)
     step = 0
-    if ckpt is not None and (ds_dir / "latest").exists():
-        layout = json.loads((ds_dir / "layout.json").read_text())
-        if layout != {"tp": dc.tp_size, "dp": dp, "zero": dc.zero_stage}:
+    here = {"tp": dc.tp_size, "dp": dp, "zero": dc.zero_stage}
+    if ckpt is not None and (ds_dir / tag).is_dir():
+        layout = json.loads((ds_dir / tag / "layout.json").read_text())
+        if layout != here:
             raise CheckpointError(
-                f"--resume: {str(ds_dir)!r} was written at {layout}, this run is tp={dc.tp_size} dp={dp} "
-                f"zero={dc.zero_stage}; resume at that layout, or start from the consolidated weights "
-                f"with train.init_from={str(out / 'checkpoint')!r} (optimizer state restarts)")
-        _, client = engine.load_checkpoint(str(ds_dir))
+                f"--resume: {str(ds_dir / tag)!r} was written at {layout}, this run is {here}; resume at that "
+                f"layout, or start from the consolidated weights with train.init_from={str(ckpt)!r} "
+                f"(the optimizer state restarts)")
+        # DeepSpeed's own checkpoint format (torch.save): only ever read back from this run's out_dir
+        _, client = engine.load_checkpoint(str(ds_dir), tag=tag)
         step = client["step"]
         gen.set_state(client["data_generator"])
         torch.set_rng_state(client["torch_rng"])
+    elif ckpt is not None:
+        step = read_meta(ckpt)["step"]
 
-    def save(path, **meta):
-        engine.save_checkpoint(str(ds_dir), tag=f"step{step}", client_state={
+    def save(**meta):
+        """DeepSpeed's checkpoint (exact resume, same layout), then the consolidated seqlm one."""
+        t = f"step{step}"
+        engine.save_checkpoint(str(ds_dir), tag=t, client_state={
             "step": step, "data_generator": gen.get_state(), "torch_rng": torch.get_rng_state()})
         full = gather_state_dict(model)
+        p = None
         if rank == 0:
-            (ds_dir / "layout.json").write_text(json.dumps({"tp": dc.tp_size, "dp": dp, "zero": dc.zero_stage}))
+            (ds_dir / t / "layout.json").write_text(json.dumps(here))
             flat = build_model(cfg, tok.vocab_size)
             flat.load_state_dict(full)
-            p = save_checkpoint(path, flat, cfg, tok, None, {"step": step, "tp_size": dc.tp_size, "dp_size": dp,
-                                                              "zero_stage": dc.zero_stage, **meta})
+            p = save_checkpoint(out / "checkpoint", flat, cfg, tok, None,
+                                {"tp_size": dc.tp_size, "dp_size": dp, "zero_stage": dc.zero_stage, **meta},
+                                step=step, keep_last=tc.keep_last)
         dist.barrier()
-        return path if rank != 0 else p
+        return p or out / "checkpoint"
 
     log = MetricsLog(out, truncate_after=step if ckpt is not None else None) if rank == 0 else None
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum * dp  # the whole job
@@ -163,21 +174,21 @@ def _run(cfg, resume, stop_at, tp_group, dp_group, rank, world, dp, dp_rank, dev
         elif step % tc.log_every == 0 or step == end:
             engine.get_global_grad_norm()
         if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < end:
-            save(out / "checkpoint")
+            save()
     bar.close()
     wall = time.perf_counter() - t0
     tps = (step - step0) * tokens_per_step / max(wall, 1e-9)
     res = {"step": step, "train_loss": loss_val, "wall_s": wall, "tokens_per_s": tps, "n_params": n_params,
            "world_size": world, "tp_size": dc.tp_size, "dp_size": dp, "rank": rank}
     if step < tc.max_steps:
-        res.update(checkpoint=str(save(out / "checkpoint")), stopped=True)
+        res.update(checkpoint=str(save()), stopped=True)
         if log is not None:
             log.close()
         return res
     from seqlm.train.loop import estimate_loss
 
     val = estimate_loss(model, data, cfg, device, amp)
-    path = save(out / "checkpoint", val_loss=val)
+    path = save(val_loss=val)
     if log is not None:
         log.log("eval", step, val_loss=val, val_ppl=math.exp(val))
         log.close()

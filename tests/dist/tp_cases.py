@@ -33,6 +33,9 @@ def cases():
     hybrid = {"d_model": 32, "pattern": "2-*-M-H-", "block_defaults": small}
     out["hybrid"] = {"model": hybrid}
     out["hybrid+ladder"] = {"model": {**hybrid, "residual": "ladder"}}
+    out["hybrid+ladder+overlap"] = {"model": {**hybrid, "residual": "ladder"}, "overlap": True}
+    out["hybrid+ladder+recursive+overlap"] = {"model": {**hybrid, "residual": "ladder", "pattern": "2-*-2-*-",
+                                                        "recursive": {"groups": 4, "lora_rank": 3}}, "overlap": True}
     out["hybrid+recursive"] = {"model": {**hybrid, "pattern": "2-*-2-*-", "recursive": {"groups": 4, "lora_rank": 3}}}
     out["hybrid+hmt"] = {"model": {**hybrid, "pattern": "2-*-"},
                          "memory": {"segment_len": 8, "n_memory": 2, "n_sensory": 2, "recall": True,
@@ -45,6 +48,7 @@ def main(path):
     tp_group, _ = init_groups(int(os.environ["WORLD_SIZE"]))
     res = {}
     for name, raw in cases().items():
+        overlap = raw.pop("overlap", False)
         cfg = RunConfig.model_validate(raw)
         torch.manual_seed(0)
         full = build_model(cfg, V)
@@ -56,7 +60,8 @@ def main(path):
         model = copy.deepcopy(full)
         ref = full(x[:, :-1])[0]
         full.loss(x[:, :-1], x[:, 1:]).backward()
-        shard_model(model, tp_group)
+        shard_model(model, tp_group, ladder_overlap=overlap)
+        assert len(model.tp_overlap) == int(overlap)
         out = model(x[:, :-1])[0]
         model.loss(x[:, :-1], x[:, 1:]).backward()
         gerr = 0.0
@@ -65,7 +70,8 @@ def main(path):
             g = gather_like(p, p.grad, tp_group)
             gerr = max(gerr, (g - fulls[n].grad).abs().max().item() / (1e-3 + fulls[n].grad.abs().max().item()))
         nshard = sum(1 for p in model.parameters() if getattr(p, "tensor_model_parallel", False))
-        res[name] = {"logits": (out - ref).abs().max().item(), "grads": gerr, "sharded": nshard}
+        res[name] = {"logits": (out - ref).abs().max().item(), "grads": gerr, "sharded": nshard,
+                     "async": sum(o.launched for o in model.tp_overlap)}
     if int(os.environ["RANK"]) == 0:
         with open(path, "w") as f:
             json.dump(res, f, indent=1)
