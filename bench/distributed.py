@@ -61,18 +61,23 @@ def worker(args):
     from seqlm.train.optim import param_groups
 
     E.init_distributed()
-    cfg = load_config(ROOT / "configs" / "default.yaml",
-                      [f"distributed.tp_size={args.tp}", f"distributed.zero_stage={args.zero}",
-                       f"model.residual={args.residual}", f"distributed.ladder_overlap={args.overlap}",
-                       f"train.batch_size={args.batch // (int(os.environ['WORLD_SIZE']) // args.tp)}",
-                       f"train.seq_len={args.seq}", "train.grad_clip=1.0"])
-    tp_group, dp_group = E.init_groups(args.tp)
-    dp = dist.get_world_size(dp_group)
-    torch.manual_seed(0)
-    model = build_model(cfg, V)
-    shard_model(model, tp_group, ladder_overlap=args.overlap)
-    conf = E.ds_config(cfg, dp, torch.device("cpu"), False)
-    engine = E.build_engine(model, param_groups(model, cfg.train.weight_decay), conf)
+    variants = (["standard:False", "ladder:False", "ladder:True"] if args.residual == "compare"
+                else [f"{args.residual}:{args.overlap}"])
+    runs = []
+    for v in variants:
+        residual, overlap = v.split(":")
+        cfg = load_config(ROOT / "configs" / "default.yaml",
+                          [f"distributed.tp_size={args.tp}", f"distributed.zero_stage={args.zero}",
+                           f"model.residual={residual}",
+                           f"train.batch_size={args.batch // (int(os.environ['WORLD_SIZE']) // args.tp)}",
+                           f"train.seq_len={args.seq}", "train.grad_clip=1.0"])
+        tp_group, dp_group = E.init_groups(args.tp)
+        dp = dist.get_world_size(dp_group)
+        torch.manual_seed(0)
+        model = build_model(cfg, V)
+        shard_model(model, tp_group, ladder_overlap=overlap == "True")
+        conf = E.ds_config(cfg, dp, torch.device("cpu"), False)
+        runs.append((v, model, E.build_engine(model, param_groups(model, cfg.train.weight_decay), conf)))
 
     counts = {"bytes": 0, "calls": 0, "sync_s": 0.0}
     names = ["all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
@@ -81,16 +86,15 @@ def worker(args):
 
     def wrap(n, f):
         def g(*a, **kw):
-            t = a[0] if a else kw.get("tensor")
-            if n in ("all_gather_into_tensor", "reduce_scatter_tensor"):
-                t = a[1]
-            elif n in ("all_gather", "reduce_scatter"):
-                t = a[1]
-            if isinstance(t, torch.Tensor):
-                counts["bytes"] += t.numel() * t.element_size()
-            elif isinstance(t, (list, tuple)):
-                counts["bytes"] += sum(x.numel() * x.element_size() for x in t)
-            counts["calls"] += 1
+            t = a[1] if n in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_gather", "reduce_scatter") \
+                else (a[0] if a else kw.get("tensor"))
+            grp = kw.get("group")
+            if grp is None or dist.get_world_size(grp) > 1:  # a 1-rank group moves no bytes
+                if isinstance(t, torch.Tensor):
+                    counts["bytes"] += t.numel() * t.element_size()
+                elif isinstance(t, (list, tuple)):
+                    counts["bytes"] += sum(x.numel() * x.element_size() for x in t)
+                counts["calls"] += 1
             t0 = time.perf_counter()
             r = f(*a, **kw)
             if not kw.get("async_op"):
@@ -99,38 +103,62 @@ def worker(args):
         return g
 
     gen = torch.Generator().manual_seed(0)
-    B = cfg.train.batch_size
+    B = args.batch // dp
     tok = torch.randint(0, V, (args.batch, args.seq + 1), generator=gen)
     r0 = dist.get_rank(dp_group)
     x, y = tok[r0 * B:(r0 + 1) * B, :-1], tok[r0 * B:(r0 + 1) * B, 1:]
-    ov = getattr(model, "tp_overlap", [])
-    times, exposed, sync, nbytes = [], [], [], []
+    stats = {v: {"times": [], "exposed": [], "sync": [], "bytes": []} for v, _, _ in runs}
+    out = {}
     for i in range(args.warmup + args.steps):
-        for o in ov:
-            o.reset_stats()
-        counts.update(bytes=0, calls=0, sync_s=0.0)
-        for n, f in orig.items():
-            setattr(dist, n, wrap(n, f))
-        dist.barrier() if False else None
-        t = time.perf_counter()
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        dt = time.perf_counter() - t
-        for n, f in orig.items():
-            setattr(dist, n, f)
-        if i >= args.warmup:
-            times.append(dt)
-            exposed.append(sum(o.exposed_s for o in ov))
-            sync.append(counts["sync_s"])
-            nbytes.append(counts["bytes"])
-    mem = memory(engine, model)
-    res = {"step_s": statistics.median(times), "step_s_all": times, "exposed_wait_s": statistics.median(exposed),
-           "sync_collective_s": statistics.median(sync), "bytes_counted": nbytes[-1],
-           "bytes_predicted": predicted_bytes(model, args, B) if args.tp > 1 else None,
-           "memory": mem, "loss": loss.item(), "local_params": sum(p.numel() for p in model.parameters())}
+        for v, model, engine in runs:  # variants alternate step by step: same contention
+            ov = getattr(model, "tp_overlap", [])
+            for o in ov:
+                o.reset_stats()
+            counts.update(bytes=0, calls=0, sync_s=0.0)
+            dist.barrier()  # ranks start each timed step together (no skew carried over)
+            for n, f in orig.items():
+                setattr(dist, n, wrap(n, f))
+            t = time.perf_counter()
+            loss = engine(x, y)
+            engine.backward(loss)
+            if i == args.warmup + args.steps - 1:
+                mem_grads = grad_bytes(engine, model)
+            engine.step()
+            dt = time.perf_counter() - t
+            for n, f in orig.items():
+                setattr(dist, n, f)
+            if i >= args.warmup:
+                st = stats[v]
+                st["times"].append(dt)
+                st["exposed"].append(sum(o.exposed_s for o in ov))
+                st["sync"].append(counts["sync_s"])
+                st["bytes"].append(counts["bytes"])
+            if i == args.warmup + args.steps - 1:
+                mem = memory(engine, model)
+                mem["grads"] = mem_grads
+                st = stats[v]
+                out[v] = {"step_s": statistics.median(st["times"]), "step_s_all": st["times"],
+                          "exposed_wait_s": statistics.median(st["exposed"]),
+                          "sync_collective_s": statistics.median(st["sync"]), "bytes_counted": st["bytes"][-1],
+                          "bytes_predicted": predicted_bytes(model, args, B) if args.tp > 1 else None,
+                          "memory": mem, "loss": loss.item(),
+                          "local_params": sum(p.numel() for p in model.parameters())}
     if dist.get_rank() == 0:
-        Path(args.out).write_text(json.dumps(res))
+        Path(args.out).write_text(json.dumps(out if len(runs) > 1 else out[runs[0][0]]))
+
+
+def grad_bytes(engine, model):
+    """Gradient bytes held after backward: p.grad (ZeRO 0/1) or ZeRO-2's reduced partition
+    and its bucket buffers."""
+    import torch
+
+    tot = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    opt = engine.optimizer
+    for g in getattr(opt, "averaged_gradients", {}).values():
+        tot += sum(t.numel() * t.element_size() for t in (g or []) if isinstance(t, torch.Tensor))
+    for t in getattr(opt, "ipg_buffer", None) or []:
+        tot += t.numel() * t.element_size()
+    return tot
 
 
 def memory(engine, model):
@@ -153,9 +181,7 @@ def memory(engine, model):
     inner = getattr(opt, "optimizer", opt)
     state = nb(v for s in inner.state.values() for v in s.values())
     master = nb(getattr(opt, "single_partition_of_fp32_groups", []))
-    grads = nb(p.grad for p in model.parameters() if p.grad is not None)
-    grads += nb(getattr(opt, "averaged_gradients", {}).get(0, []) or [])
-    return {"params": params, "grads": grads, "optimizer": state + master}
+    return {"params": params, "optimizer": state + master}
 
 
 def predicted_bytes(model, args, B):
@@ -220,28 +246,34 @@ def main():
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--zero", type=int, default=0)
-    ap.add_argument("--residual", default="standard")
+    ap.add_argument("--residual", default="standard", help="standard | ladder | compare (all three)")
     ap.add_argument("--overlap", type=lambda s: s == "True", default=True)
     ap.add_argument("--out", default="")
     ap.add_argument("--batch", type=int, default=12)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of the 1-proc / TP=2 / DP=2 rows")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tmp", default="/tmp")
     a = ap.parse_args()
     if a.worker:
         return worker(a)
     if a.quick:
-        a.steps, a.warmup = 3, 1
+        a.steps, a.warmup, a.rounds = 3, 1, 1
+    Path(a.tmp).mkdir(parents=True, exist_ok=True)
     import torch
 
-    rows = {}
-    rows["1proc"] = run(1, 1, 0, "standard", False, a)
-    rows["tp2"] = run(2, 2, 0, "standard", False, a)
-    rows["dp2_zero2"] = run(2, 1, 2, "standard", False, a)
-    rows["tp2_ladder_overlap"] = run(2, 2, 0, "ladder", True, a)
-    rows["tp2_ladder_sync"] = run(2, 2, 0, "ladder", False, a)
+    rows, rounds = {}, {"1proc": [], "tp2": [], "dp2_zero2": []}
+    for _ in range(a.rounds):  # the step-time rows in alternating rounds; each row's best round
+        for k, world, tp, zero in (("1proc", 1, 1, 0), ("tp2", 2, 2, 0), ("dp2_zero2", 2, 1, 2)):
+            rounds[k].append(run(world, tp, zero, "standard", False, a))
+    for k, rs in rounds.items():
+        rows[k] = min(rs, key=lambda r: r["step_s"])
+        rows[k]["rounds_step_s"] = [r["step_s"] for r in rs]
+    cmp = run(2, 2, 0, "compare", False, a)  # standard / ladder / ladder + overlap, interleaved
+    rows["tp2_standard_i"], rows["tp2_ladder_sync"], rows["tp2_ladder_overlap"] = (
+        cmp["standard:False"], cmp["ladder:False"], cmp["ladder:True"])
     rows["dp2_zero0"] = run(2, 1, 0, "standard", False, a)
     rows["dp2_zero1"] = run(2, 1, 1, "standard", False, a)
     base = rows["1proc"]["step_s"]
@@ -253,7 +285,10 @@ def main():
     Pt = rows["tp2"]["local_params"]
 
     def pred(P, zero, dp):
-        return {"params": 4 * P, "grads": 4 * P if zero < 2 else 4 * P // dp,
+        # fp32: params 4P; Adam moments 8P (ZeRO >= 1: plus fp32 master copies, 12P / dp);
+        # gradients after backward: 4P, or (ZeRO >= 1: reduced into this rank's partition at
+        # the accumulation boundary) 4P / dp
+        return {"params": 4 * P, "grads": 4 * P if zero == 0 else 4 * P // dp,
                 "optimizer": 8 * P if zero == 0 else 12 * P // dp}
     try:
         cpu = next(l.split(":", 1)[1].strip() for l in subprocess.run(
@@ -266,12 +301,13 @@ def main():
                   "threads_per_rank": 1, "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
                   "backend": "gloo", "load_avg_at_start": os.getloadavg()[0],
                   "note": "2 cores shared with other jobs: ranks contend for cores; ratios measured side by side"},
-        "step_time": {k: {"step_s": rows[k]["step_s"], "vs_1proc": rows[k]["step_s"] / base}
-                      for k in ("1proc", "tp2", "dp2_zero2")},
+        "step_time": {k: {"step_s": rows[k]["step_s"], "vs_1proc": rows[k]["step_s"] / base,
+                          "rounds_step_s": rows[k]["rounds_step_s"]} for k in ("1proc", "tp2", "dp2_zero2")},
         "ladder_tp2": {
-            "standard_step_s": rows["tp2"]["step_s"], "ladder_sync_step_s": ls["step_s"],
+            "note": "the three variants alternate step by step in one 2-rank run",
+            "standard_step_s": rows["tp2_standard_i"]["step_s"], "ladder_sync_step_s": ls["step_s"],
             "ladder_overlap_step_s": lo["step_s"],
-            "ladder_overlap_vs_standard": lo["step_s"] / rows["tp2"]["step_s"],
+            "ladder_overlap_vs_standard": lo["step_s"] / rows["tp2_standard_i"]["step_s"],
             "ladder_overlap_vs_ladder_sync": lo["step_s"] / ls["step_s"],
             "overlapped_allreduce_sync_s": overlapped_sync, "overlap_exposed_wait_s": lo["exposed_wait_s"],
             "hidden_fraction": 1 - lo["exposed_wait_s"] / overlapped_sync},
@@ -281,7 +317,7 @@ def main():
             **{f"zero{z}_dp2": {"measured": rows[f"dp2_zero{z}"]["memory"], "predicted": pred(P1, z, 2)}
                for z in (0, 1, 2)},
             "tp2_zero0": {"measured": rows["tp2"]["memory"], "predicted": pred(Pt, 0, 1)}},
-        "losses": {k: v["loss"] for k, v in rows.items()},
+        "last_step_loss_rank0": {k: v["loss"] for k, v in rows.items()},
     }
     print(json.dumps(res, indent=2))
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
