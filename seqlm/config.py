@@ -17,13 +17,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, ValidationError,
+                      field_validator, model_validator)
 
 from seqlm import registry
+from seqlm.blocks.base import BlockConfig
 
 
 class ConfigError(ValueError):
     """A config (file, dict or override) is invalid; the message names each field."""
+
+
+MAX_LAYERS = 4096  # a bound that keeps a typo (n_layers: 1e20) from expanding a pattern forever
 
 
 class Section(BaseModel):
@@ -31,13 +36,30 @@ class Section(BaseModel):
 
 
 # --------------------------------------------------------------------------------------
-# layer specs: a discriminated union over every registered block's Config
-registry.load_blocks()
-_BLOCK_CONFIGS = tuple(cls.Config for cls in registry.blocks().values())
-if len(_BLOCK_CONFIGS) == 1:  # pragma: no cover - a Union needs two members
-    LayerSpec = _BLOCK_CONFIGS[0]
-else:
-    LayerSpec = Annotated[Union[_BLOCK_CONFIGS], Field(discriminator="type")]
+# layer specs: each entry is validated against the Config of the block its ``type`` names,
+# looked up in the registry when the config is validated (not when this module is imported),
+# so blocks registered later (entry points, ``@register`` in a user's script) work too
+def _layer_spec(value: Any) -> Any:
+    if isinstance(value, BlockConfig):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a mapping with a `type`, got {type(value).__name__}")
+    kind = value.get("type")
+    blocks = registry.blocks()
+    if kind not in blocks:
+        raise ValueError(f"type: unknown block type {kind!r}; registered: {sorted(blocks)}")
+    try:
+        return blocks[kind].Config.model_validate(value)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            loc = ".".join(str(x) for x in e["loc"])
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{loc}: {msg}" if loc else msg)
+        raise ValueError("; ".join(lines)) from None
+
+
+LayerSpec = Annotated[SerializeAsAny[BlockConfig], BeforeValidator(_layer_spec)]
 
 
 def _char_table() -> str:
@@ -75,7 +97,7 @@ class ModelConfig(Section):
     )
     d_model: int = Field(128, gt=0, description="Width of the residual stream.")
     n_layers: Optional[int] = Field(
-        None, gt=0,
+        None, gt=0, le=MAX_LAYERS,
         description="Number of layers (each layer is one sub-layer: a mixer or an MLP). "
         "With `pattern`, the pattern is tiled to this length; null means len(pattern).",
     )
@@ -107,6 +129,20 @@ class ModelConfig(Section):
     recursive: Optional[RecursiveConfig] = Field(
         None, description="Relaxed recursive sharing of the layers (see below); null: every layer owns its weights.",
     )
+    pos_embedding: Literal["none", "learned"] = Field(
+        "none", description="Absolute position embeddings added to the token embeddings: `none` (positions "
+        "come from the blocks, e.g. RoPE, or from SSM recurrence) or `learned` (a max_positions x d_model "
+        "table, as in GPT-2).",
+    )
+    max_positions: Optional[int] = Field(
+        None, gt=0, description="`pos_embedding: learned`: table length, the longest sequence the model reads "
+        "(required then; unused otherwise).",
+    )
+    parallel_residual: bool = Field(
+        False, description="Layers run in pairs (0,1), (2,3), ... that both read the same stream: "
+        "r = r + f_2i(norm_2i(r)) + f_2i+1(norm_2i+1(r)) (GPT-NeoX / GPT-J style attention || MLP). "
+        "Needs an even number of layers and `residual: standard`.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -137,7 +173,7 @@ class ModelConfig(Section):
             n = data.get("n_layers")
             if n is None:
                 n = len(pattern)
-            if not isinstance(n, int) or n <= 0:
+            if not isinstance(n, int) or n <= 0 or n > MAX_LAYERS:
                 return data  # field validation reports n_layers
             if n % len(pattern):
                 raise ValueError(
@@ -169,6 +205,13 @@ class ModelConfig(Section):
         for i, spec in enumerate(self.layers or []):
             for fld, why in spec.check(self.d_model):
                 problems.append(f"layers[{i}].{fld}: {why}")
+        if self.pos_embedding == "learned" and self.max_positions is None:
+            problems.append("max_positions: required when pos_embedding is learned")
+        if self.parallel_residual:
+            if len(self.layers or []) % 2:
+                problems.append(f"parallel_residual: needs an even number of layers, got {len(self.layers or [])}")
+            if self.residual != "standard":
+                problems.append("parallel_residual: only with residual: standard")
         rc, layers = self.recursive, self.layers or []
         if rc is not None and not problems:
             if rc.groups > len(layers):
@@ -191,33 +234,43 @@ class ModelConfig(Section):
 class TokenizerConfig(Section):
     """Which tokenizer turns text into ids (saved with every checkpoint)."""
 
-    type: Literal["char", "byte", "sentencepiece"] = Field(
+    type: Literal["char", "byte", "sentencepiece", "hf"] = Field(
         "char", description="`char`: one id per character seen in the training files; "
-        "`byte`: UTF-8 bytes (256 ids + EOS); `sentencepiece`: a trained BPE/unigram model."
+        "`byte`: UTF-8 bytes (256 ids + EOS); `sentencepiece`: a trained BPE/unigram model; "
+        "`hf`: the tokenizer of a local Hugging Face model directory (tokenizer.json or tokenizer.model)."
     )
     path: Optional[str] = Field(
-        None, description="SentencePiece `.model` file (required for type sentencepiece)."
+        None, description="SentencePiece `.model` file (type sentencepiece) or Hugging Face model directory "
+        "(type hf); required for those types."
     )
 
     @model_validator(mode="after")
     def _need_path(self) -> "TokenizerConfig":
-        if self.type == "sentencepiece" and not self.path:
-            raise ValueError("path: required when type is sentencepiece")
+        if self.type in ("sentencepiece", "hf") and not self.path:
+            raise ValueError(f"path: required when type is {self.type}")
         return self
 
 
-class DataConfig(Section):
-    """Training text: local files, tokenized once into a memmapped token cache."""
+class TaskDataConfig(Section):
+    """A synthetic task to train on instead of text (seqlm/data/tasks.py); L = train.seq_len."""
 
-    files: list[str] = Field(
-        default_factory=lambda: ["data/tinyshakespeare.txt"],
-        description="Local `.txt`, `.jsonl` or `.parquet` files (globs allowed). Each file / "
-        "record is one document; documents are joined with EOS.",
-    )
-    text_field: str = Field("text", description="Record field holding the text in jsonl/parquet.")
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="The tokenizer (see below).")
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="Tail fraction of tokens held out for validation.")
-    cache_dir: str = Field(".cache/seqlm", description="Where token caches are written.")
+    type: Literal["mqar"] = Field("mqar", description="`mqar`: multi-query associative recall (Zoology's generator).")
+    num_pairs: int = Field(4, gt=0, description="MQAR: key-value pairs per example (4 * num_pairs <= seq_len).")
+    vocab_size: int = Field(8192, gt=3, description="MQAR: vocabulary (keys from the lower half, values from the upper).")
+    n_train: int = Field(20000, gt=0, description="Training examples generated once (sampled with replacement).")
+    n_val: int = Field(1000, gt=0, description="Held-out examples for the validation loss.")
+    seed: int = Field(0, description="Generator seed (the validation set uses seed + 10000).")
+    random_fill: bool = Field(True, description="MQAR: filler tokens random (Zoology) or 0.")
+
+
+class SourceConfig(Section):
+    """One source of a weighted mixture (`data.sources`)."""
+
+    files: list[str] = Field(..., description="Data files, globs or directories of this source (as `data.files`).")
+    weight: float = Field(1.0, gt=0, description="Sampling weight: a training window comes from this source "
+                          "with probability weight / sum of weights (independent of the source's size).")
+    text_field: Optional[str] = Field(None, description="Record field holding the text; null: `data.text_field`.")
+    doc_separator: Optional[str] = Field(None, description="Document separator; null: `data.doc_separator`.")
 
     @field_validator("files")
     @classmethod
@@ -225,6 +278,68 @@ class DataConfig(Section):
         if not v:
             raise ValueError("must list at least one file")
         return v
+
+
+class DataConfig(Section):
+    """Training text: local files, tokenized once into a memmapped token cache."""
+
+    files: list[str] = Field(
+        default_factory=lambda: ["data/tinyshakespeare.txt"],
+        description="Local `.txt`, `.jsonl`, `.parquet` or `.arrow` files (globs allowed) or directories "
+        "(a Hugging Face dataset saved with `save_to_disk`, or a directory of data files). Each txt file / "
+        "record is one document; documents are joined with EOS.",
+    )
+    sources: Optional[list[SourceConfig]] = Field(
+        None, description="A weighted mixture instead of `files`: a list of `{files, weight, text_field, "
+        "doc_separator}`; each source has its own token cache and train/val split."
+    )
+    text_field: str = Field("text", description="Record field holding the text in jsonl/parquet/arrow.")
+    doc_separator: Optional[str] = Field(
+        None, description="Split each txt file / record further into documents after every occurrence of "
+        "this string (kept at the end of its document; whitespace-only documents are dropped), e.g. "
+        "\"\\n\\n\" for blank-line paragraphs. null: one document per txt file / record."
+    )
+    packing: Literal["stream", "document"] = Field(
+        "stream", description="`stream`: windows of the EOS-joined stream; `document`: the same windows, "
+        "each with its document boundaries (`seq_idx`) so the model does not attend or carry state across them."
+    )
+    val_split: Literal["tokens", "documents"] = Field(
+        "tokens", description="`tokens`: the last `val_fraction` of each source's tokens is validation; "
+        "`documents`: its last whole documents holding about that fraction (no document in both splits)."
+    )
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="The tokenizer (see below).")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of tokens held out for validation.")
+    cache_dir: str = Field(".cache/seqlm", description="Where token caches are written.")
+    num_workers: Optional[int] = Field(
+        None, ge=1, description="Tokenizer processes (1: in this process); null: one per CPU core. The cache "
+        "is the same for any count."
+    )
+    verify_cache: bool = Field(
+        False, description="Rehash every data file on launch; by default a file is rehashed only when its "
+        "size or times changed."
+    )
+    task: Optional[TaskDataConfig] = Field(
+        None, description="Train on a synthetic task (e.g. MQAR) instead of `files`; the tokenizer is then "
+        "the task's id tokenizer."
+    )
+
+    @field_validator("files")
+    @classmethod
+    def _nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("must list at least one file")
+        return v
+
+    @model_validator(mode="after")
+    def _files_or_sources(self) -> "DataConfig":
+        if self.sources is not None:
+            if not self.sources:
+                raise ValueError("sources: must list at least one source (or remove it to use data.files)")
+            if "files" in self.model_fields_set:
+                raise ValueError("give data.files or data.sources, not both")
+        if self.doc_separator == "":
+            raise ValueError("doc_separator: must not be empty (null: no separator)")
+        return self
 
 
 class TrainConfig(Section):
@@ -346,6 +461,110 @@ class MemoryConfig(Section):
         return self
 
 
+class DistillStageConfig(Section):
+    """One distillation stage (MOHAWK, Bick et al.; `seqlm distill`, seqlm/distill/)."""
+
+    kind: Literal["orient", "align", "logits"] = Field(
+        ..., description="`orient`: matrix orientation (each student mixer, fed the teacher's input to that "
+        "layer, fits its materialised mixing matrix to the teacher's attention matrix; Frobenius distance "
+        "averaged over batch and heads). `align`: hidden-state alignment (each student block's output fits "
+        "the teacher block's output, L2, teacher inputs). `logits`: end-to-end KL to the teacher's "
+        "distribution (with temperature) + weighted CE.",
+    )
+    name: Optional[str] = Field(
+        None, description="Run-dir subfolder of the stage; null = `<index>-<kind>` (e.g. `2-align`).")
+    steps: Optional[int] = Field(None, gt=0, description="Optimizer steps (give steps or tokens).")
+    tokens: Optional[int] = Field(
+        None, gt=0, description="Token budget; steps = ceil(tokens / (batch_size * seq_len * grad_accum)).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate of the stage.")
+    min_lr: Optional[float] = Field(None, ge=0, description="Final LR of cosine / wsd decay; null = lr / 10.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps of the stage.")
+    schedule: Literal["cosine", "wsd", "constant"] = Field("cosine", description="LR schedule (as train.schedule).")
+    trainable: Optional[Union[Literal["mixers", "all"], list[str]]] = Field(
+        None, description="Which parameters train. `mixers`: the student layers paired with teacher attention "
+        "layers (the converted mixers); `all`: every parameter; or a list of regexes over parameter names "
+        "(re.search). null = `mixers` for orient/align, `all` for logits. The rest stay frozen "
+        "(bit-identical).",
+    )
+
+    @model_validator(mode="after")
+    def _budget(self) -> "DistillStageConfig":
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("steps: give exactly one of steps or tokens")
+        if self.name is not None and not re.fullmatch(r"[\w.-]+", self.name):
+            raise ValueError(f"name: must be a plain folder name, got {self.name!r}")
+        return self
+
+
+class FromTeacherConfig(Section):
+    """The student is the teacher with chosen attention layers turned into other mixers."""
+
+    pattern: str = Field(
+        ..., description="One character per teacher layer (tiled when shorter, like model.pattern): `.` keeps "
+        "the teacher's layer; `*` keeps an attention layer; `2` / `M` / `H` turn an attention layer into "
+        "Mamba-2 / Mamba / H3, initialised from it (Mamba-in-the-Llama mapping, see the README); a non-attention "
+        "layer may only be kept (`.` or its own character). E.g. `2-` (pure Mamba-2 from a `*-` teacher), "
+        "`2-*-` (every other attention layer kept).",
+    )
+    block_defaults: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per new block type, fields not fixed by the mapping (e.g. "
+        "`mamba2: {chunk_size: 32}`). The mapping fixes Mamba-2's expand 1, head_dim = d_state = the "
+        "teacher's head dim and ngroups = n_heads, and Mamba's expand 1 and d_state = head dim.",
+    )
+
+    @field_validator("pattern")
+    @classmethod
+    def _chars(cls, v: str) -> str:
+        chars = registry.pattern_chars()
+        if not v:
+            raise ValueError("must be a non-empty string")
+        for i, ch in enumerate(v):
+            if ch != "." and ch not in chars:
+                raise ValueError(f"character {i} {ch!r} unknown (known: '.' = keep, {_char_table()})")
+        return v
+
+
+class DistillConfig(Section):
+    """Distillation (`seqlm distill`): a teacher, a student and the stages that train it."""
+
+    teacher: str = Field(
+        ..., description="The teacher: a seqlm checkpoint directory (or, with the Hugging Face interop, a "
+        "local Hugging Face model directory). Its tokenizer is used for the data and for the student.",
+    )
+    teacher_dtype: Optional[Literal["fp32", "bf16"]] = Field(
+        None, description="dtype the teacher runs in (no_grad, eval mode); null = the student's dtype.")
+    from_teacher: Optional[FromTeacherConfig] = Field(
+        None, description="Build the student from the teacher (give this or `student`).")
+    student: Optional[ModelConfig] = Field(
+        None, description="The student's own model section (any seqlm model, e.g. for logit-only "
+        "distillation); give this or `from_teacher`. The top-level `model:` is not read by `seqlm distill`.",
+    )
+    student_init: Optional[str] = Field(
+        None, description="With `student`: a seqlm checkpoint whose weights start the student (its tokenizer "
+        "must be the teacher's); null = fresh initialisation.",
+    )
+    stages: list[DistillStageConfig] = Field(
+        ..., min_length=1, description="Stages run in order, each from the previous one's weights "
+        "(MOHAWK: orient, align, logits; logit-only distillation: just `logits`).",
+    )
+    temperature: float = Field(1.0, gt=0, description="KD temperature T (the KL term is scaled by T^2).")
+    kl_weight: float = Field(1.0, ge=0, description="Weight of KL(teacher || student) in `logits` stages.")
+    ce_weight: float = Field(0.0, ge=0, description="Weight of the data cross-entropy in `logits` stages.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistillConfig":
+        if (self.from_teacher is None) == (self.student is None):
+            raise ValueError("from_teacher: give exactly one of from_teacher or student")
+        if self.student_init is not None and self.student is None:
+            raise ValueError("student_init: only with `student` (from_teacher starts from the teacher)")
+        if self.kl_weight == 0 and self.ce_weight == 0:
+            raise ValueError("kl_weight: kl_weight and ce_weight are both 0")
+        names = [s.name for s in self.stages if s.name]
+        if len(set(names)) != len(names):
+            raise ValueError("stages: stage names must be unique")
+        return self
+
+
 class DistributedConfig(Section):
     """Multi-process training on DeepSpeed (used when a launcher starts several ranks:
     `deepspeed --num_gpus N train.py ...` or `torchrun --nproc_per_node N train.py ...`)."""
@@ -379,8 +598,17 @@ class RunConfig(Section):
     memory: Optional[MemoryConfig] = Field(
         None, description="Hierarchical memory (HMT) around the model; null: a plain LM."
     )
+    distill: Optional[DistillConfig] = Field(
+        None, description="Distillation (`seqlm distill`); null: not a distillation run."
+    )
     distributed: DistributedConfig = Field(
         default_factory=DistributedConfig, description="Multi-process training (DeepSpeed): TP, ZeRO, timeouts.")
+
+    @model_validator(mode="after")
+    def _memory_fits_model(self) -> "RunConfig":
+        if self.memory is not None and self.model.pos_embedding != "none":
+            raise ValueError("model.pos_embedding: learned positions are not supported with memory (HMT)")
+        return self
 
     @model_validator(mode="after")
     def _check_tp(self) -> "RunConfig":
@@ -412,7 +640,10 @@ def _path(loc: tuple, names: set[str]) -> str:
         prev_int = False
         if part in ("function-after[_need_path()]",) or str(part).startswith("function-"):
             continue
-        out += ("." if out else "") + str(part)
+        if isinstance(part, str) and part.isidentifier():
+            out += ("." if out else "") + part
+        else:  # a key that is not a name (empty, spaces, control characters): quote it
+            out += f"[{str(part)!r}]"
     return out
 
 
@@ -480,14 +711,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 lst = node.get(m.group(1))
                 idx = int(m.group(2))
                 if not isinstance(lst, list) or idx >= len(lst):
-                    raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])} does not exist")
+                    raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])!r} does not exist")
                 node = lst[idx]
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])!r} is not a section")
                 continue
             nxt = node.get(part)
             if nxt is None:
                 nxt = node[part] = {}
             if not isinstance(nxt, dict):
-                raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])} is not a section")
+                raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])!r} is not a section")
             node = nxt
         last = parts[-1]
         m = re.fullmatch(r"(\w+)\[(\d+)\]", last)
@@ -495,7 +728,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             lst = node.get(m.group(1))
             idx = int(m.group(2))
             if not isinstance(lst, list) or idx >= len(lst):
-                raise ConfigError(f"override {ov!r}: {key} does not exist")
+                raise ConfigError(f"override {ov!r}: {key!r} does not exist")
             lst[idx] = _parse_value(raw)
         else:
             node[last] = _parse_value(raw)
@@ -509,9 +742,13 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r}: not valid YAML: {e}") from None
+        data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(p)!r}: cannot be read ({e.strerror or e})") from None
+    except (yaml.YAMLError, RecursionError, ValueError) as e:
+        raise ConfigError(f"config file {str(p)!r}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r}: top level must be a mapping of sections")
     return data

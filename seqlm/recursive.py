@@ -67,6 +67,8 @@ class DepthParams(nn.Module):
         params = dict(block.named_parameters())
         for p in self.own:
             self.register_parameter(_key(p), nn.Parameter(params[p].detach().clone()))
+        # the copies keep the block's weight-decay exemptions (seqlm/train/optim.py)
+        self.no_weight_decay = tuple(_key(p) for p in self.own if p in getattr(block, "no_weight_decay", ()))
         self.lora: list[tuple[str, int]] = []  # (linear path, rank)
         for lp in linear_paths(block) if rc.lora_rank > 0 else []:
             lin = block.get_submodule(lp)

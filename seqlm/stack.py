@@ -28,6 +28,7 @@ class Stack(nn.Module):
         specs = cfg.layers or []
         self.n_layers = len(specs)
         self.ladder = cfg.residual == "ladder"
+        self.parallel = cfg.parallel_residual  # pairs (2i, 2i+1) read the same stream
         self.norms = nn.ModuleList(make_norm(cfg.norm, cfg.d_model, cfg.norm_eps) for _ in specs)
         blocks = [get_block(s.type)(s, cfg.d_model) for s in specs]
         for b in blocks:
@@ -65,6 +66,7 @@ class Stack(nn.Module):
     def _run(self, x, states, step: bool):
         new = None if states is None else list(states)
         prev = None  # ladder: the previous sub-layer's output, not yet in the stream
+        pend = None  # parallel residual: the first output of the pair, added with the second
         for i in range(self.n_layers):
             norm, blk, ctx = self.layer(i)
             with ctx:
@@ -78,6 +80,11 @@ class Stack(nn.Module):
                 out = self.drop(out)
             if self.ladder:
                 x, prev = (x if prev is None else x + prev), out
+            elif self.parallel:
+                if pend is None:
+                    pend = out
+                else:
+                    x, pend = x + pend + out, None
             else:
                 x = x + out
         if prev is not None:

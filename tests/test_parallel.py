@@ -54,7 +54,8 @@ def tp_results(tmp_path_factory):
 
 
 CASES = [f"block:{n}" for n in registry.blocks()] + [
-    "mamba2:ngroups2+bias", "mamba:bias+gelu-mlp-bias", "hybrid", "hybrid+ladder", "hybrid+recursive", "hybrid+hmt",
+    "mamba2:ngroups2+bias", "mamba:bias+gelu-mlp-bias", "gpt2-style:learned-pos+layernorm+biases",
+    "neox-style:parallel-residual+partial-rotary", "hybrid", "hybrid+ladder", "hybrid+recursive", "hybrid+hmt",
     "hybrid+ladder+overlap", "hybrid+ladder+recursive+overlap"]
 
 

@@ -47,6 +47,11 @@ class Block(nn.Module):
     #: names of Linear submodules that write into the residual stream; they get the
     #: GPT-2 style scaled init std / sqrt(2 * n_layers)
     residual_out: ClassVar[tuple[str, ...]] = ("out_proj",)
+    #: names (paths inside the block) of parameters trained without weight decay whatever
+    #: their shape: a block's SSM parameters (A, dt, D, ...), as the papers' reference code
+    #: trains them. The optimizer (seqlm/train/optim.py) reads this; 1-D parameters (norms,
+    #: biases) never decay anyway.
+    no_weight_decay: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: BlockConfig, d_model: int):
         super().__init__()

@@ -65,6 +65,9 @@ class MambaConfig(BlockConfig):
 class Mamba(Block):
     Config = MambaConfig
 
+    #: SSM parameters without weight decay (the reference tags A_log and D ``_no_weight_decay``)
+    no_weight_decay = ("A_log", "D", "dt_proj.bias")
+
     def __init__(self, cfg: MambaConfig, d_model: int):
         super().__init__(cfg, d_model)
         self.d_inner, self.N, self.R = cfg.expand * d_model, cfg.d_state, cfg.rank(d_model)

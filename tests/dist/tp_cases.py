@@ -30,6 +30,12 @@ def cases():
     out["mamba:bias+gelu-mlp-bias"] = {"model": {"d_model": 32, "layers": [
         {"type": "mamba", "bias": True, **small["mamba"]}, {"type": "mlp", "bias": True},
         {"type": "attention", "bias": True, "n_heads": 2}]}}
+    out["gpt2-style:learned-pos+layernorm+biases"] = {"model": {
+        "d_model": 32, "pattern": "*-", "pos_embedding": "learned", "max_positions": 64, "norm": "layernorm",
+        "block_defaults": {"attention": {"n_heads": 4, "bias": True, "rope": False}, "mlp": {"bias": True}}}}
+    out["neox-style:parallel-residual+partial-rotary"] = {"model": {
+        "d_model": 32, "pattern": "*-*-", "parallel_residual": True,
+        "block_defaults": {"attention": {"n_heads": 4, "rotary_dim": 4}}}}
     hybrid = {"d_model": 32, "pattern": "2-*-M-H-", "block_defaults": small}
     out["hybrid"] = {"model": hybrid}
     out["hybrid+ladder"] = {"model": {**hybrid, "residual": "ladder"}}
@@ -49,6 +55,7 @@ def main(path):
     res = {}
     for name, raw in cases().items():
         overlap = raw.pop("overlap", False)
+        print("case", name, flush=True)
         cfg = RunConfig.model_validate(raw)
         torch.manual_seed(0)
         full = build_model(cfg, V)
