@@ -310,4 +310,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    __import__("seqlm.cpualloc").cpualloc.apply_entry_point()  # an entry point: allocator tuning
     sys.exit(main())

@@ -195,4 +195,5 @@ def plot(results, settings, widths, path, V, quick) -> None:
 
 
 if __name__ == "__main__":
+    __import__("seqlm.cpualloc").cpualloc.apply_entry_point()  # an entry point: allocator tuning
     sys.exit(main())

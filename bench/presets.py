@@ -128,4 +128,5 @@ def _plot(results: dict, png: Path) -> None:
 
 
 if __name__ == "__main__":
+    __import__("seqlm.cpualloc").cpualloc.apply_entry_point()  # an entry point: allocator tuning
     main()

@@ -138,4 +138,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    __import__("seqlm.cpualloc").cpualloc.apply_entry_point()  # an entry point: allocator tuning
     sys.exit(main())

@@ -15,7 +15,7 @@ allocator high-water mark:
   parameters and input already allocated; a tiny L=64 pass has done the libraries' lazy
   inits): the extra memory the forward+backward held at its peak - activations, saved
   tensors, gradients, workspace.
-The timed runs use the allocator settings ``import seqlm`` applies (seqlm/cpualloc.py: heap
+The timed runs use the allocator settings seqlm's entry points apply (seqlm/cpualloc.py: heap
 reuse up to 32 MiB, huge pages above; recorded in the JSON): without them the 4 KiB page
 faults on fresh activations dominate from 16k tokens on and the SSM ratios were 45-62. The
 memory runs set MALLOC_MMAP_THRESHOLD_, which leaves malloc at glibc's behaviour there.
@@ -204,4 +204,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    __import__("seqlm.cpualloc").cpualloc.apply_entry_point()  # an entry point: allocator tuning
     main()

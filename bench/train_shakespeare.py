@@ -214,4 +214,5 @@ def main():
 
 
 if __name__ == "__main__":
+    __import__("seqlm.cpualloc").cpualloc.apply_entry_point()  # an entry point: allocator tuning
     main()

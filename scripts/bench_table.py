@@ -234,6 +234,24 @@ def main() -> None:
                     f"window) | {mem['hmt']:.1f} MiB |",
                     f"| recall {rc2['task']['distance_segments']} segments back (chance {rc2['task']['chance']:.3f}) | "
                     f"{rc2['no_memory']['accuracy_last_query']:.3f} | {rc2['hmt']['accuracy_last_query']:.3f} |", ""]
+    tk = load("tokenize")
+    if tk:
+        sizes = list(next(iter(tk["tokenizers"].values()))["peak_rss_mb"])
+        la = ", ".join(f"{x:.1f}" for x in tk["loadavg_start"][:1] + tk["loadavg_end"][:1])
+        out += [f"**Tokenization** (`bench/tokenize.py`; a {tk['corpus_mb']:.0f} MB txt file of Tiny Shakespeare "
+                f"repeated with variation; {tk['cpu']}, {tk['cores']} cores shared with other jobs, load average "
+                f"{la} at start/end; best of {len(next(iter(tk['tokenizers'].values()))['runs']['1'])} alternating "
+                "runs; CPU s/MB counts this process and the workers):", "",
+                f"| tokenizer | 1 worker | 2 workers | speedup | CPU s/MB (1 / 2 workers) | peak RSS parent / worker, "
+                f"{sizes[0]} | {sizes[1]} | relaunch, warm cache | rehash all (`verify_cache`) |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for name, t in tk["tokenizers"].items():
+            rss = [t["peak_rss_mb"][k] for k in sizes]
+            out.append(f"| {name} | {t['mb_per_s_1_worker']:.2f} MB/s | {t['mb_per_s_2_workers']:.2f} MB/s | "
+                       f"{t['speedup_2_workers']:.2f}x | {t['cpu_s_per_mb_1_worker']:.3f} / {t['cpu_s_per_mb_2_workers']:.3f} | "
+                       + " | ".join(f"{r['parent']:.0f} / {r['worker']:.0f} MB" for r in rss)
+                       + f" | {t['relaunch_warm_cache_s'] * 1e3:.1f} ms | {t['relaunch_verify_cache_s']:.2f} s |")
+        out.append("")
     tables = "\n".join(out)
     if "--write" in sys.argv[1:]:
         write_readme(tables)

@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "seqlm.data.cli",
     "seqlm.eval.cli",
     "seqlm.convert",
+    "seqlm.distill.cli",
 ]
 
 
@@ -25,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from seqlm.cpualloc import apply_entry_point
+
+    apply_entry_point()  # an entry point: tune the CPU allocator (SEQLM_CPU_ALLOC=0 opts out)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # pass-through commands (lm-eval) take the rest
     if extra:

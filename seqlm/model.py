@@ -147,8 +147,11 @@ class LM(nn.Module):
         B, T = ids.shape
         dev = self.embed.weight.device
         ids = ids.to(dev)
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(seed if seed is not None else torch.seed())
+        gen = torch.Generator(device=dev)  # private: generating never moves the global RNG
+        if seed is not None:
+            gen.manual_seed(seed)
+        else:
+            gen.seed()  # fresh entropy for this generator only (torch.seed() reseeds the global one)
         step = self.compiled_step() if compile else self.step
         state = self.init_state(B, T + max_new_tokens)
         logits, state = self(ids, state)

@@ -40,10 +40,24 @@ def test_no_mallopt_is_fine():
     assert "skipped" in cpualloc.configure(env, object())["mallopt"]
 
 
-def test_applied_on_import():
-    import seqlm
+def _fresh(code):
+    import os
 
-    assert "THP_MEM_ALLOC_ENABLE" in seqlm.CPU_ALLOC
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "SEQLM_CPU", "THP_MEM"))}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          check=True).stdout.strip().splitlines()[-1]
+
+
+def test_import_changes_nothing_but_entry_points_apply():
+    """Defect 12: ``import seqlm`` changed process-wide allocator settings (mallopt, THP) of any
+    host program. Now only seqlm's entry points (and an explicit opt-in) apply them."""
+    assert _fresh("import os, seqlm, seqlm.cli, seqlm.train.loop; "
+                  "print(seqlm.CPU_ALLOC, os.environ.get('THP_MEM_ALLOC_ENABLE'))") == "{} None"
+    out = _fresh("import os, seqlm\nfrom seqlm.cli import main\n"
+                 "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+                 "print(seqlm.CPU_ALLOC['mallopt']['ok'], os.environ.get('THP_MEM_ALLOC_ENABLE'))")
+    assert out == "True 1"
+    assert _fresh("import seqlm; print(seqlm.configure_cpu_allocator()['THP_MEM_ALLOC_ENABLE'])") == "1"
 
 
 def test_values_fit_mallopts_c_int():
@@ -70,7 +84,7 @@ def test_freed_heap_memory_is_reused_without_page_faults():
     truncated trim threshold gave, made each pass fault ~500 pages in again)."""
     code = (
         "import resource, torch, seqlm\n"
-        "assert seqlm.CPU_ALLOC['mallopt']['ok'], seqlm.CPU_ALLOC\n"
+        "assert seqlm.configure_cpu_allocator()['mallopt']['ok'], seqlm.CPU_ALLOC\n"
         "faults = []\n"
         "for _ in range(8):\n"
         "    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"

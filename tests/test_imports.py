@@ -12,7 +12,7 @@ FORBIDDEN = {
     "seqlm.stack": ["seqlm.train", "seqlm.memory", "seqlm.eval", "seqlm.io", "seqlm.model"],
     "seqlm.memory": ["seqlm.train", "seqlm.eval", "seqlm.io"],
     "seqlm.recursive": ["seqlm.train", "seqlm.eval", "seqlm.io", "seqlm.model"],
-    "seqlm.io": ["seqlm.train", "seqlm.eval"],
+    "seqlm.io": ["seqlm.train", "seqlm.eval", "seqlm.distill"],
     "seqlm.io.hf": ["seqlm.train", "seqlm.eval", "transformers"],
     "seqlm.io.pretrained": ["seqlm.train", "seqlm.eval", "transformers"],
     "seqlm": ["seqlm.io", "seqlm.model", "seqlm.train", "seqlm.eval"],
@@ -20,6 +20,9 @@ FORBIDDEN = {
     "seqlm.eval.perplexity": ["seqlm.train"],
     "seqlm.eval.cli": ["seqlm.train"],
     "seqlm.data": ["seqlm.train", "seqlm.eval", "seqlm.io", "seqlm.model", "seqlm.stack", "seqlm.memory"],
+    "seqlm.distill.mixers": ["seqlm.train", "seqlm.eval", "seqlm.io"],
+    "seqlm.distill.init": ["seqlm.train", "seqlm.eval", "seqlm.io"],
+    "seqlm.train": ["seqlm.distill"],
 }
 
 

@@ -166,3 +166,18 @@ def test_dispatch_calls_cuda_kernel_with_its_layout(monkeypatch):
     # an initial state is not supported by the CUDA kernel: the CPU path runs instead
     selective_scan(*(t.float() for t in (u, delta, A, B, C, D, z, bias)), True, h0.float())
     assert len(fake.calls) == 2
+
+
+def test_fp32_under_autocast():
+    """Defect 5: under bf16 autocast the scan's forward ran its einsum/matmul in bf16 (relative
+    error ~4e-3) while its backward ran in fp32. With fp32 inputs the scan must compute in fp32
+    whether or not autocast is on: output, state and gradients agree to fp32 rounding."""
+    ts = [t.requires_grad_() for t in inputs(b=2, L=80, Dm=16, N=8, dtype=torch.float32)]
+    y32, h32, g32 = run(selective_scan, ts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, h, g = run(selective_scan, ts)
+    assert y.dtype == torch.float32 and h.dtype == torch.float32
+    rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
+    assert rel(y, y32) < 1e-6 and rel(h, h32) < 1e-6
+    for a, b in zip(g, g32):
+        assert rel(a, b) < 1e-6

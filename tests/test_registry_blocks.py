@@ -164,3 +164,24 @@ def test_ssm_config_variants_forward_equals_steps(name, extra, bias, conv_bias, 
     (y * torch.randn_like(y)).sum().backward()
     assert all(p.grad is not None for p in blk.parameters())
     assert (blk.conv_bias is not None) == conv_bias and (blk.in_proj.bias is not None) == bias
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_empty_input(name):
+    """T=0: every block returns an empty (B, 0, D) output (Mamba-2 raised IndexError /
+    ZeroDivisionError and H3 a math domain error in its FFT conv), keeps the state it was
+    given, and gradients still flow (all zero)."""
+    blk = make(name, torch.float32)
+    x = torch.zeros(B, 0, D, requires_grad=True)
+    y, st = blk(x)
+    assert y.shape == (B, 0, D) and st is None
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    with torch.no_grad():
+        s0 = blk.init_state(B, 8, x.device, x.dtype)
+        y, s1 = blk(torch.zeros(B, 0, D), s0)
+        assert y.shape == (B, 0, D)
+        xs = torch.randn(B, 3, D)
+        ref, _ = blk(xs, blk.init_state(B, 8, x.device, x.dtype))
+        got, _ = blk(xs, s1)  # the state after nothing is the initial state
+    torch.testing.assert_close(got, ref)

@@ -130,6 +130,8 @@ class H3(Block):
 
     def forward(self, x, state=None):
         B, L, _ = x.shape
+        if L == 0:  # empty input: empty output, the state passes through
+            return self.out_proj(x), (None if state is None else dict(state))
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         ks, shift = causal_conv1d_tokens(k, self.shift_weight, None, None if state is None else state["shift"])
         kv = self._kv(ks, v)  # (B, H, M, L), M = P*P

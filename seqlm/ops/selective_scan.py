@@ -117,6 +117,11 @@ class _ScanFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, gh_last):
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):  # fp32, like forward
+            return _ScanFn._backward(ctx, gy, gh_last)
+
+    @staticmethod
+    def _backward(ctx, gy, gh_last):
         u, delta, A, B, C, H, D, z, bias = ctx.saved_tensors
         Q, softplus = ctx.Q, ctx.softplus
         L, b, Dm = u.shape
@@ -196,8 +201,11 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     if h0 is None:
         h0 = u.new_zeros(b, Dm, N, dtype=work)
     opt = lambda t: None if t is None else t.to(work)  # noqa: E731
-    yT, h_last = _ScanFn.apply(tm(u), tm(delta), A.to(work), tm(B), tm(C), h0.to(work), opt(D),
-                               None if z is None else tm(z), opt(delta_bias), delta_softplus, chunk)
+    # fp32 inside, autocast or not: autocast would run the forward's einsum/matmul in bf16 while
+    # the backward (never under autocast) runs in fp32
+    with torch.autocast(u.device.type, enabled=False):
+        yT, h_last = _ScanFn.apply(tm(u), tm(delta), A.to(work), tm(B), tm(C), h0.to(work), opt(D),
+                                   None if z is None else tm(z), opt(delta_bias), delta_softplus, chunk)
     y = yT.transpose(0, 1).to(u.dtype)
     return y, h_last.to(u.dtype)
 

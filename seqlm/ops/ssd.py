@@ -309,6 +309,9 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     if B.shape != C.shape or B.shape[:2] != x.shape[:2] or dt.shape != x.shape[:3] or A.shape != (H,):
         raise ValueError(f"ssd_scan: shapes x {tuple(x.shape)}, dt {tuple(dt.shape)}, A {tuple(A.shape)}, "
                          f"B {tuple(B.shape)}, C {tuple(C.shape)} do not agree")
+    if L == 0:  # nothing to scan: empty output, the state passes through
+        h = h0 if h0 is not None else x.new_zeros(b, H, P, B.shape[3])
+        return x * 0, (h if return_state else None)
     if use_triton_ssd(x, dt, B, C):
         # mamba_chunk_scan_combined's contract (ssd_combined.py): x (b, L, H, P), dt (b, L, H),
         # A (H,), B/C (b, L, G, N), D (H,) or (H, P), initial_states (b, H, P, N)

@@ -33,6 +33,9 @@ def run_train(args) -> int:
     from seqlm.io.fsutil import replace_file
     from seqlm.train.loop import train
 
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        args.overrides = [args.resume, *args.overrides]  # `--resume train.lr=1e-4`: an override
+        args.resume = True
     config = args.config
     if config is None and isinstance(args.resume, str):
         config = str(resolve_checkpoint(args.resume) / "config.yaml")

@@ -157,17 +157,21 @@ def _rng_state(gen: torch.Generator) -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
+def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None, objective=None) -> dict:
     """Train per ``cfg``; ``resume`` = True (the newest checkpoint of out_dir, or a fresh start
     when there is none) or a checkpoint path; ``stop_at`` ends the run after that step with a
     checkpoint (for interrupted runs). Returns final metrics: val_loss, val_ppl, tokens_per_s,
     wall_s, sample, checkpoint (the step directory written last). A run stopped by SIGINT /
-    SIGTERM returns ``stopped: True`` and ``signal``."""
+    SIGTERM returns ``stopped: True`` and ``signal``.
+    ``objective`` (pluggable loss, e.g. seqlm/distill): ``objective.setup(model, device)`` runs
+    once after the model is built, before the optimizer (it may freeze parameters and own extra
+    modules such as a teacher); ``objective.loss(model, x, y)`` then replaces ``model.loss(x, y)``
+    in the training steps. Validation still reports the model's own cross-entropy."""
     with _StopSignals() as sig:
-        return _train(cfg, resume, stop_at, sig)
+        return _train(cfg, resume, stop_at, sig, objective)
 
 
-def _train(cfg: RunConfig, resume, stop_at: Optional[int], sig: _StopSignals) -> dict:
+def _train(cfg: RunConfig, resume, stop_at: Optional[int], sig: _StopSignals, objective=None) -> dict:
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -179,6 +183,8 @@ def _train(cfg: RunConfig, resume, stop_at: Optional[int], sig: _StopSignals) ->
     tok, data, ckpt = _prepare(cfg, resume)
     torch.manual_seed(tc.seed)
     model = build_model(cfg, tok.vocab_size).to(device)
+    if objective is not None:
+        objective.setup(model, device)
     opt = make_optimizer(model, tc)
     gen = torch.Generator().manual_seed(tc.seed)
     step, bad_total, bad_run = 0, 0, 0
@@ -244,7 +250,10 @@ def _train(cfg: RunConfig, resume, stop_at: Optional[int], sig: _StopSignals) ->
             for _ in range(tc.grad_accum):
                 x, y = data.get_batch("train", tc.batch_size, tc.seq_len, gen, device)
                 with autocast(device, amp):
-                    loss = fwd.loss(x, y) if fwd is model else _compiled_loss(fwd, x, y)
+                    if objective is not None:
+                        loss = objective.loss(fwd, x, y)
+                    else:
+                        loss = fwd.loss(x, y) if fwd is model else _compiled_loss(fwd, x, y)
                 (loss / tc.grad_accum).backward()
                 loss_sum += loss.item()
             loss_val = loss_sum / tc.grad_accum
