@@ -28,6 +28,9 @@ class ConfigError(ValueError):
     """A config (file, dict or override) is invalid; the message names each field."""
 
 
+MAX_LAYERS = 4096  # a bound that keeps a typo (n_layers: 1e20) from expanding a pattern forever
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=False)
 
@@ -94,7 +97,7 @@ class ModelConfig(Section):
     )
     d_model: int = Field(128, gt=0, description="Width of the residual stream.")
     n_layers: Optional[int] = Field(
-        None, gt=0,
+        None, gt=0, le=MAX_LAYERS,
         description="Number of layers (each layer is one sub-layer: a mixer or an MLP). "
         "With `pattern`, the pattern is tiled to this length; null means len(pattern).",
     )
@@ -170,7 +173,7 @@ class ModelConfig(Section):
             n = data.get("n_layers")
             if n is None:
                 n = len(pattern)
-            if not isinstance(n, int) or n <= 0:
+            if not isinstance(n, int) or n <= 0 or n > MAX_LAYERS:
                 return data  # field validation reports n_layers
             if n % len(pattern):
                 raise ValueError(
@@ -248,6 +251,18 @@ class TokenizerConfig(Section):
         return self
 
 
+class TaskDataConfig(Section):
+    """A synthetic task to train on instead of text (seqlm/data/tasks.py); L = train.seq_len."""
+
+    type: Literal["mqar"] = Field("mqar", description="`mqar`: multi-query associative recall (Zoology's generator).")
+    num_pairs: int = Field(4, gt=0, description="MQAR: key-value pairs per example (4 * num_pairs <= seq_len).")
+    vocab_size: int = Field(8192, gt=3, description="MQAR: vocabulary (keys from the lower half, values from the upper).")
+    n_train: int = Field(20000, gt=0, description="Training examples generated once (sampled with replacement).")
+    n_val: int = Field(1000, gt=0, description="Held-out examples for the validation loss.")
+    seed: int = Field(0, description="Generator seed (the validation set uses seed + 10000).")
+    random_fill: bool = Field(True, description="MQAR: filler tokens random (Zoology) or 0.")
+
+
 class SourceConfig(Section):
     """One source of a weighted mixture (`data.sources`)."""
 
@@ -302,6 +317,10 @@ class DataConfig(Section):
     verify_cache: bool = Field(
         False, description="Rehash every data file on launch; by default a file is rehashed only when its "
         "size or times changed."
+    )
+    task: Optional[TaskDataConfig] = Field(
+        None, description="Train on a synthetic task (e.g. MQAR) instead of `files`; the tokenizer is then "
+        "the task's id tokenizer."
     )
 
     @field_validator("files")
@@ -547,6 +566,29 @@ class DistillConfig(Section):
         return self
 
 
+class DistributedConfig(Section):
+    """Multi-process training on DeepSpeed (used when a launcher starts several ranks:
+    `deepspeed --num_gpus N train.py ...` or `torchrun --nproc_per_node N train.py ...`)."""
+
+    tp_size: int = Field(
+        1, gt=0, description="Tensor-parallel ranks per model replica (heads/channels of every block "
+        "split across them); the world size must be a multiple; data-parallel size = world / tp_size.")
+    zero_stage: Literal[0, 1, 2] = Field(
+        0, description="DeepSpeed ZeRO stage over the data-parallel ranks: 0 plain DP, 1 optimizer "
+        "state sharded, 2 optimizer state and gradients sharded.")
+    overlap_comm: bool = Field(
+        False, description="ZeRO: overlap the gradient reduction with the backward pass.")
+    ladder_overlap: bool = Field(
+        True, description="With residual: ladder and tp_size > 1, issue each sub-layer's row-parallel "
+        "all-reduce asynchronously and wait for it one sub-layer later (Ladder Residual's point).")
+    timeout_s: float = Field(
+        300.0, gt=0, description="Collective timeout: a rank that died or hangs ends the job after this "
+        "long with a message naming the rank.")
+    deepspeed_config: Optional[str] = Field(
+        None, description="Path to your own DeepSpeed JSON; its keys override the generated config "
+        "(which is written to <out_dir>/deepspeed_config.json).")
+
+
 class RunConfig(Section):
     """A whole run."""
 
@@ -560,11 +602,24 @@ class RunConfig(Section):
     distill: Optional[DistillConfig] = Field(
         None, description="Distillation (`seqlm distill`); null: not a distillation run."
     )
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Multi-process training (DeepSpeed): TP, ZeRO, timeouts.")
 
     @model_validator(mode="after")
     def _memory_fits_model(self) -> "RunConfig":
         if self.memory is not None and self.model.pos_embedding != "none":
             raise ValueError("model.pos_embedding: learned positions are not supported with memory (HMT)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_tp(self) -> "RunConfig":
+        tp = self.distributed.tp_size
+        problems = []
+        for i, spec in enumerate(self.model.layers or [] if tp > 1 else []):
+            for fld, why in spec.tp_check(self.model.d_model, tp):
+                problems.append(f"model.layers[{i}].{fld}: {why}")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
@@ -586,7 +641,10 @@ def _path(loc: tuple, names: set[str]) -> str:
         prev_int = False
         if part in ("function-after[_need_path()]",) or str(part).startswith("function-"):
             continue
-        out += ("." if out else "") + str(part)
+        if isinstance(part, str) and part.isidentifier():
+            out += ("." if out else "") + part
+        else:  # a key that is not a name (empty, spaces, control characters): quote it
+            out += f"[{str(part)!r}]"
     return out
 
 
@@ -654,14 +712,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 lst = node.get(m.group(1))
                 idx = int(m.group(2))
                 if not isinstance(lst, list) or idx >= len(lst):
-                    raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])} does not exist")
+                    raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])!r} does not exist")
                 node = lst[idx]
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])!r} is not a section")
                 continue
             nxt = node.get(part)
             if nxt is None:
                 nxt = node[part] = {}
             if not isinstance(nxt, dict):
-                raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])} is not a section")
+                raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])!r} is not a section")
             node = nxt
         last = parts[-1]
         m = re.fullmatch(r"(\w+)\[(\d+)\]", last)
@@ -669,7 +729,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             lst = node.get(m.group(1))
             idx = int(m.group(2))
             if not isinstance(lst, list) or idx >= len(lst):
-                raise ConfigError(f"override {ov!r}: {key} does not exist")
+                raise ConfigError(f"override {ov!r}: {key!r} does not exist")
             lst[idx] = _parse_value(raw)
         else:
             node[last] = _parse_value(raw)
@@ -683,9 +743,13 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r}: not valid YAML: {e}") from None
+        data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(p)!r}: cannot be read ({e.strerror or e})") from None
+    except (yaml.YAMLError, RecursionError, ValueError) as e:
+        raise ConfigError(f"config file {str(p)!r}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r}: top level must be a mapping of sections")
     return data

@@ -304,3 +304,55 @@ def test_bin_weights_are_read_with_weights_only(hf_dirs, tmp_path):
     with pytest.raises(CheckpointError, match="not a plain tensor file"):
         load_any(b)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_lm_eval_adapter_takes_an_hf_dir(hf_dirs):
+    """lm-eval's seqlm model reads a Hugging Face directory: its loglikelihood equals the one
+    computed from transformers' own logits; the window comes from max_position_embeddings."""
+    pytest.importorskip("lm_eval")
+    import torch.nn.functional as F
+
+    from seqlm.eval.lm_eval_adapter import SeqLMEval
+
+    d, hf = hf_dirs("gpt_neox")
+    lm = SeqLMEval(checkpoint=str(d), device="cpu")
+    assert lm.max_length == hf.config.max_position_embeddings
+
+    class Req:
+        def __init__(self, *args):
+            self.args = args
+
+    (score, _), = lm.loglikelihood([Req("The quick brown", " fox jumps")], disable_tqdm=True)
+    c, x = lm.tok.encode("The quick brown"), lm.tok.encode(" fox jumps")
+    with torch.no_grad():
+        lp = F.log_softmax(hf(torch.tensor([c + x[:-1]])).logits[0], -1)[-len(x):]
+    want = float(lp.gather(-1, torch.tensor(x)[:, None]).sum())
+    assert score == pytest.approx(want, abs=1e-4)
+
+
+def test_sentencepiece_hf_dir_and_training_tokenizer_config(hf_dirs, tmp_path):
+    """A directory with tokenizer.model (SentencePiece) instead of tokenizer.json loads with the
+    same ids as sentencepiece; `data.tokenizer: {type: hf, path: DIR}` builds the HF tokenizer."""
+    import shutil
+
+    import sentencepiece as spm
+
+    from seqlm.config import parse_config
+    from seqlm.data.tokenizers import build_tokenizer as build_seqlm_tokenizer
+    from seqlm.data.tokenizers import train_sentencepiece
+
+    d, hf = hf_dirs("llama")
+    (tmp_path / "corpus.txt").write_text(TEXT * 3)
+    train_sentencepiece([str(tmp_path / "corpus.txt")], 80, "bpe", tmp_path / "sp.model", byte_fallback=False)
+    s = tmp_path / "spdir"
+    shutil.copytree(d, s)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (s / f).unlink()
+    shutil.copy(tmp_path / "sp.model", s / "tokenizer.model")
+    _, _, tok = load_any(s)
+    sp = spm.SentencePieceProcessor(model_file=str(s / "tokenizer.model"))
+    assert tok.type == "sentencepiece" and tok.encode(TEXT) == sp.encode(TEXT)
+
+    cfg = parse_config({"model": {"pattern": "*-"}, "data": {"tokenizer": {"type": "hf", "path": str(d)}}})
+    t2 = build_seqlm_tokenizer(cfg.data.tokenizer, [])
+    assert t2.type == "hf" and t2 == load_any(d)[2]

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from seqlm.config import RunConfig
+from seqlm.config import ConfigError, RunConfig
 from seqlm.io import build_model
 from seqlm.io import maybe_init_from
 from seqlm.io.checkpoint import (CheckpointError, clean_stale, find_checkpoint, load_trainer_state,
@@ -80,14 +80,11 @@ def _prepare(cfg: RunConfig, resume):
     from seqlm.data.dataset import load_data
     from seqlm.data.tokenizers import build_tokenizer, load_tokenizer
 
-    ckpt = None
-    if resume:
-        where = Path(cfg.train.out_dir) / "checkpoint" if resume is True else Path(resume)
-        ckpt = find_checkpoint(where)
-        if ckpt is None and resume is not True:
-            raise CheckpointError(f"--resume: no checkpoint at {str(where)!r}")
-        if ckpt is None:
-            print(f"--resume: no checkpoint in {str(where)!r} yet; starting a fresh run")
+    if getattr(cfg.data, "task", None) is not None:  # a synthetic task instead of text
+        from seqlm.data.tasks import load_task
+
+        return (*load_task(cfg.data.task, cfg.train.seq_len), _resume_from(cfg, resume))
+    ckpt = _resume_from(cfg, resume)
     if ckpt is not None:
         tok = _load_tok(ckpt, "--resume")
     elif cfg.train.init_from:
@@ -104,6 +101,20 @@ def _prepare(cfg: RunConfig, resume):
     else:
         tok = build_tokenizer(cfg.data.tokenizer, data=cfg.data)
     return tok, load_data(cfg.data, tok, seq_len=cfg.train.seq_len), ckpt
+
+
+def _resume_from(cfg: RunConfig, resume) -> Optional[Path]:
+    """The checkpoint directory to resume from: None for a fresh run, or for ``resume=True``
+    when out_dir has no checkpoint yet (auto resume); an explicit path must hold one."""
+    if not resume:
+        return None
+    where = Path(cfg.train.out_dir) / "checkpoint" if resume is True else Path(resume)
+    ckpt = find_checkpoint(where)
+    if ckpt is None and resume is not True:
+        raise CheckpointError(f"--resume: no checkpoint at {str(where)!r}")
+    if ckpt is None:
+        print(f"--resume: no checkpoint in {str(where)!r} yet; starting a fresh run")
+    return ckpt
 
 
 def _load_tok(ckpt: Path, what: str):
@@ -159,7 +170,20 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None, objective=
     ``objective`` (pluggable loss, e.g. seqlm/distill): ``objective.setup(model, device)`` runs
     once after the model is built, before the optimizer (it may freeze parameters and own extra
     modules such as a teacher); ``objective.loss(model, x, y)`` then replaces ``model.loss(x, y)``
-    in the training steps. Validation still reports the model's own cross-entropy."""
+    in the training steps. Validation still reports the model's own cross-entropy.
+    Under a multi-rank launcher (deepspeed / torchrun) the DeepSpeed path runs instead
+    (seqlm/train/distributed.py; no ``objective`` there yet)."""
+    from seqlm.parallel.engine import launched
+
+    if launched():
+        from seqlm.train.distributed import train_distributed
+
+        if objective is not None:
+            raise ValueError("a custom objective (seqlm distill) runs single-process only for now")
+        return train_distributed(cfg, resume, stop_at)
+    if cfg.distributed.tp_size > 1:
+        raise ConfigError(f"distributed.tp_size: {cfg.distributed.tp_size} needs that many ranks; start "
+                          f"them with `deepspeed --num_gpus N train.py ...` or `torchrun --nproc_per_node N ...`")
     with _StopSignals() as sig:
         return _train(cfg, resume, stop_at, sig, objective)
 
@@ -322,7 +346,8 @@ def _train(cfg: RunConfig, resume, stop_at: Optional[int], sig: _StopSignals, ob
         prompt = torch.tensor(tok.encode(cfg.eval.sample_prompt) or [tok.eos_id], device=device)
         ids = model.generate(prompt, cfg.eval.sample_tokens, cfg.eval.temperature, cfg.eval.top_k,
                              cfg.eval.top_p, seed=tc.seed)
-        sample = tok.decode(ids.tolist())
+        # the sample echoes its prompt (decoded with it, so a multi-token prompt stays whole)
+        sample = tok.decode((prompt.tolist() if cfg.eval.sample_prompt else []) + ids.tolist())
     return {"step": step, "train_loss": loss_val, "val_loss": val_loss, "val_ppl": math.exp(val_loss),
             "tokens_per_s": trained_tps, "wall_s": wall, "n_params": n_params, "sample": sample,
             "checkpoint": str(path), "meta": read_meta(path), "bad_steps": bad_total}
