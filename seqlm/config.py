@@ -528,8 +528,9 @@ class DistillConfig(Section):
     """Distillation (`seqlm distill`): a teacher, a student and the stages that train it."""
 
     teacher: str = Field(
-        ..., description="The teacher: a seqlm checkpoint directory (or, with the Hugging Face interop, a "
-        "local Hugging Face model directory). Its tokenizer is used for the data and for the student.",
+        ..., description="The teacher: a seqlm checkpoint (run root, step or model-only directory) or a local "
+        "Hugging Face model directory (Llama, Mistral, GPT-2, ...). Its tokenizer is used for the data and "
+        "for the student.",
     )
     teacher_dtype: Optional[Literal["fp32", "bf16"]] = Field(
         None, description="dtype the teacher runs in (no_grad, eval mode); null = the student's dtype.")
