@@ -184,7 +184,11 @@ def main() -> None:
                     r = m[0]
                     b = r.get("budget_per_run", {}).get(str(r["best_lr"]), {})
                     per = ", ".join(f"{lr}: {a:.2f}" for lr, a in r["per_lr"].items())
-                    cells.append(f"**{r['accuracy']:.3f}** (lr {r['best_lr']:g}, {b.get('steps', '?')} steps; {per})")
+                    data = f"{r['n_train'] // 1000}k examples, " if r.get("n_train") else ""
+                    other = "".join(f"; also {o['accuracy']:.3f} with {o['n_train'] // 1000}k examples"
+                                    for o in r.get("other_runs", []) if o.get("n_train"))
+                    cells.append(f"**{r['accuracy']:.3f}** ({data}lr {r['best_lr']:g}, {b.get('steps', '?')} steps; "
+                                 f"per lr {per}{other})")
                 out.append(f"| {mixer} | {d} | " + " | ".join(cells) + " |")
         for m, why in mq.get("notes", {}).items():
             out.append(f"| {m} | | {why} |")

@@ -528,8 +528,9 @@ class DistillConfig(Section):
     """Distillation (`seqlm distill`): a teacher, a student and the stages that train it."""
 
     teacher: str = Field(
-        ..., description="The teacher: a seqlm checkpoint directory (or, with the Hugging Face interop, a "
-        "local Hugging Face model directory). Its tokenizer is used for the data and for the student.",
+        ..., description="The teacher: a seqlm checkpoint (run root, step or model-only directory) or a local "
+        "Hugging Face model directory (Llama, Mistral, GPT-2, ...). Its tokenizer is used for the data and "
+        "for the student.",
     )
     teacher_dtype: Optional[Literal["fp32", "bf16"]] = Field(
         None, description="dtype the teacher runs in (no_grad, eval mode); null = the student's dtype.")
@@ -565,6 +566,29 @@ class DistillConfig(Section):
         return self
 
 
+class DistributedConfig(Section):
+    """Multi-process training on DeepSpeed (used when a launcher starts several ranks:
+    `deepspeed --num_gpus N train.py ...` or `torchrun --nproc_per_node N train.py ...`)."""
+
+    tp_size: int = Field(
+        1, gt=0, description="Tensor-parallel ranks per model replica (heads/channels of every block "
+        "split across them); the world size must be a multiple; data-parallel size = world / tp_size.")
+    zero_stage: Literal[0, 1, 2] = Field(
+        0, description="DeepSpeed ZeRO stage over the data-parallel ranks: 0 plain DP, 1 optimizer "
+        "state sharded, 2 optimizer state and gradients sharded.")
+    overlap_comm: bool = Field(
+        False, description="ZeRO: overlap the gradient reduction with the backward pass.")
+    ladder_overlap: bool = Field(
+        True, description="With residual: ladder and tp_size > 1, issue each sub-layer's row-parallel "
+        "all-reduce asynchronously and wait for it one sub-layer later (Ladder Residual's point).")
+    timeout_s: float = Field(
+        300.0, gt=0, description="Collective timeout: a rank that died or hangs ends the job after this "
+        "long with a message naming the rank.")
+    deepspeed_config: Optional[str] = Field(
+        None, description="Path to your own DeepSpeed JSON; its keys override the generated config "
+        "(which is written to <out_dir>/deepspeed_config.json).")
+
+
 class RunConfig(Section):
     """A whole run."""
 
@@ -578,11 +602,24 @@ class RunConfig(Section):
     distill: Optional[DistillConfig] = Field(
         None, description="Distillation (`seqlm distill`); null: not a distillation run."
     )
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Multi-process training (DeepSpeed): TP, ZeRO, timeouts.")
 
     @model_validator(mode="after")
     def _memory_fits_model(self) -> "RunConfig":
         if self.memory is not None and self.model.pos_embedding != "none":
             raise ValueError("model.pos_embedding: learned positions are not supported with memory (HMT)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_tp(self) -> "RunConfig":
+        tp = self.distributed.tp_size
+        problems = []
+        for i, spec in enumerate(self.model.layers or [] if tp > 1 else []):
+            for fld, why in spec.tp_check(self.model.d_model, tp):
+                problems.append(f"model.layers[{i}].{fld}: {why}")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 

@@ -101,8 +101,12 @@ class LM(nn.Module):
             n -= self.embed.weight.numel()
         return n
 
-    def tp_plan(self) -> dict[str, str]:
-        return {rf"stack\.{k}": v for k, v in self.stack.tp_plan().items()}
+    def tp_plan(self, tp: int = 1) -> dict:
+        """Every parameter's TP spec (seqlm/blocks/plan.py): the stack's plan; the embeddings
+        (token, learned positions), final norm and (tied) head are replicated."""
+        plan = {rf"stack\.{k}": v for k, v in self.stack.tp_plan(tp).items()}
+        plan.update({r"(pos_)?embed\.weight": "replicate", r"norm_f\..*": "replicate", r"head\.(weight|bias)": "replicate"})
+        return plan
 
     # -- a self-contained model directory ---------------------------------------------
     def save_pretrained(self, directory, tokenizer=None, run_config=None, metrics: Optional[dict] = None):

@@ -9,6 +9,8 @@ import re
 import pytest
 import torch
 
+from seqlm.blocks.plan import Split, as_spec, local_ranges
+
 from seqlm import registry
 
 D, B, T = 32, 2, 12
@@ -103,15 +105,18 @@ def test_two_chunks_with_state(name, split):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_tp_plan_covers_2d_weights(name):
+def test_tp_plan_covers_every_parameter(name):
     blk = make(name, torch.float32)
-    plan = blk.tp_plan()
-    assert all(v in ("column", "row", "replicate") for v in plan.values()), plan
-    for pname, p in blk.named_parameters():
-        if p.dim() == 2:
+    for tp in (1, 2):
+        plan = {k: as_spec(v) for k, v in blk.tp_plan(tp).items()}
+        for pname, p in blk.named_parameters():
             hits = [k for k in plan if re.fullmatch(k, pname)]
-            assert hits, f"{name}: tp_plan does not cover 2-D weight {pname!r}"
+            assert hits, f"{name}: tp_plan does not cover parameter {pname!r}"
             assert len(hits) == 1, f"{name}: {pname!r} matched by several plan entries {hits}"
+            spec = plan[hits[0]]
+            if isinstance(spec, Split):  # parts add up and cut evenly over tp ranks
+                rng = local_ranges(spec, p.shape[spec.dim], tp, tp - 1)
+                assert all(0 <= a < b <= p.shape[spec.dim] for a, b, _ in rng)
 
 
 def test_pattern_chars_unique_and_registered():

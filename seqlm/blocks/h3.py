@@ -29,6 +29,7 @@ from pydantic import Field
 from torch import nn
 
 from seqlm.blocks.base import Block, BlockConfig
+from seqlm.blocks.plan import Part, Split
 from seqlm.ops.conv import causal_conv1d_step, causal_conv1d_tokens
 from seqlm.ops.fftconv import diag_ssm_kernel, fft_conv
 from seqlm.registry import register
@@ -53,6 +54,11 @@ class H3Config(BlockConfig):
         if self.dt_min > self.dt_max:
             out.append(("dt_min", f"must be <= dt_max={self.dt_max}"))
         return out
+
+    def tp_check(self, d_model: int, tp: int) -> list[tuple[str, str]]:
+        if (d_model // self.head_dim) % tp:
+            return [("head_dim", f"{d_model // self.head_dim} heads do not split over tp_size={tp}")]
+        return []
 
 
 @register("h3", char="H")
@@ -170,6 +176,13 @@ class H3(Block):
         y = self._readout(q, s[..., None])
         return self.out_proj(y), {"shift": shift, "ssm": xs}
 
-    def tp_plan(self):
-        return {r"(q|k|v)_proj\.weight": "column", r"out_proj\.weight": "row",
-                r"shift_weight": "column", r"A_log_re": "column", r"A_im": "column", r"C_ri": "column"}
+    # -- tensor parallelism (seqlm/parallel): heads split; SSM channels follow their heads --
+    def tp_plan(self, tp: int = 1):
+        heads = Split(0, (Part(self.d_model, self.P),))  # channels, cut by whole heads
+        return {r"(q|k|v)_proj\.(weight|bias)": heads, r"out_proj\.weight": Split(1, heads.parts),
+                r"out_proj\.bias": "replicate", r"shift_weight": heads,
+                r"(log_dt|A_log_re|A_im|C_ri|D)": "column"}  # one row per head
+
+    def tp_local(self, tp: int):
+        # d_model here is the block's channel count (q/k/v width); the input stays full width
+        return {"H": self.H // tp, "d_model": self.d_model // tp}

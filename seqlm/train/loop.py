@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from seqlm.config import RunConfig
+from seqlm.config import ConfigError, RunConfig
 from seqlm.io import build_model
 from seqlm.io import maybe_init_from
 from seqlm.io.checkpoint import (CheckpointError, clean_stale, find_checkpoint, load_trainer_state,
@@ -170,7 +170,20 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None, objective=
     ``objective`` (pluggable loss, e.g. seqlm/distill): ``objective.setup(model, device)`` runs
     once after the model is built, before the optimizer (it may freeze parameters and own extra
     modules such as a teacher); ``objective.loss(model, x, y)`` then replaces ``model.loss(x, y)``
-    in the training steps. Validation still reports the model's own cross-entropy."""
+    in the training steps. Validation still reports the model's own cross-entropy.
+    Under a multi-rank launcher (deepspeed / torchrun) the DeepSpeed path runs instead
+    (seqlm/train/distributed.py; no ``objective`` there yet)."""
+    from seqlm.parallel.engine import launched
+
+    if launched():
+        from seqlm.train.distributed import train_distributed
+
+        if objective is not None:
+            raise ValueError("a custom objective (seqlm distill) runs single-process only for now")
+        return train_distributed(cfg, resume, stop_at)
+    if cfg.distributed.tp_size > 1:
+        raise ConfigError(f"distributed.tp_size: {cfg.distributed.tp_size} needs that many ranks; start "
+                          f"them with `deepspeed --num_gpus N train.py ...` or `torchrun --nproc_per_node N ...`")
     with _StopSignals() as sig:
         return _train(cfg, resume, stop_at, sig, objective)
 
