@@ -238,7 +238,7 @@ def main() -> None:
     if tk:
         sizes = list(next(iter(tk["tokenizers"].values()))["peak_rss_mb"])
         la = ", ".join(f"{x:.1f}" for x in tk["loadavg_start"][:1] + tk["loadavg_end"][:1])
-        out += [f"**Tokenization** (`bench/tokenize.py`; a {tk['corpus_mb']:.0f} MB txt file of Tiny Shakespeare "
+        out += [f"**Tokenization** (`bench/tokenization.py`; a {tk['corpus_mb']:.0f} MB txt file of Tiny Shakespeare "
                 f"repeated with variation; {tk['cpu']}, {tk['cores']} cores shared with other jobs, load average "
                 f"{la} at start/end; best of {len(next(iter(tk['tokenizers'].values()))['runs']['1'])} alternating "
                 "runs; CPU s/MB counts this process and the workers):", "",
