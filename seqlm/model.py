@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqlm.config import ModelConfig
+from seqlm.ops.docs import check_seq_idx
 from seqlm.ops.norm import make_norm
 from seqlm.stack import Stack
 
@@ -33,19 +34,27 @@ class LM(nn.Module):
             nn.init.normal_(self.head.weight, 0.0, cfg.init_std)
 
     # -- forward ----------------------------------------------------------------------
-    def hidden(self, tokens: torch.Tensor, state=None):
-        """tokens (B, T) -> final-normed hidden states (B, T, D) and the new state."""
+    def hidden(self, tokens: torch.Tensor, state=None, seq_idx=None):
+        """tokens (B, T) -> final-normed hidden states (B, T, D) and the new state.
+        ``seq_idx`` (B, T) int: document index per position of a packed window
+        (seqlm/ops/docs.py); nothing crosses a document boundary. None: one stream."""
+        check_seq_idx(seq_idx, *tokens.shape)
         x = self.drop(self.embed(tokens))
-        x, state = self.stack(x, state)
+        x, state = self.stack(x, state, seq_idx=seq_idx)
         return self.norm_f(x), state
 
-    def forward(self, tokens: torch.Tensor, state=None):
+    def forward(self, tokens: torch.Tensor, state=None, seq_idx=None):
         """tokens (B, T) -> logits (B, T, V), new state (None when ``state`` is None)."""
-        h, state = self.hidden(tokens, state)
+        h, state = self.hidden(tokens, state, seq_idx)
         return self.head(h), state
 
-    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        logits, _ = self(tokens)
+    def set_activation_checkpointing(self, mode: str = "none", k: int = 1) -> None:
+        """Recompute layer activations in backward (seqlm/stack.py): none | layers | every_k."""
+        self.stack.set_checkpointing(mode, k)
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+             seq_idx=None) -> torch.Tensor:
+        logits, _ = self(tokens, seq_idx=seq_idx)
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
 
     def init_state(self, batch: int, max_len: int, device=None, dtype=None):
@@ -113,8 +122,8 @@ class LM(nn.Module):
         gen.manual_seed(seed if seed is not None else torch.seed())
         step = self.compiled_step() if compile else self.step
         state = self.init_state(B, T + max_new_tokens)
-        logits, state = self(ids, state)
-        logits = logits[:, -1]
+        h, state = self.hidden(ids, state)
+        logits = self.head(h[:, -1])  # prefill: only the last position's logits are needed
         out = []
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         for i in range(max_new_tokens):

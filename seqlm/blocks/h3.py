@@ -19,7 +19,7 @@ from torch import nn
 
 from seqlm.blocks.base import Block, BlockConfig
 from seqlm.ops.conv import causal_conv1d_step, causal_conv1d_tokens
-from seqlm.ops.fftconv import diag_ssm_kernel, fft_conv
+from seqlm.ops.fftconv import diag_ssm_kernel, fft_conv, fft_conv_docs
 from seqlm.registry import register
 
 
@@ -103,26 +103,34 @@ class H3(Block):
         y = torch.einsum("blhi,bhijl->blhj", q.view(B, L, self.H, self.P), s)
         return y.reshape(B, L, self.d_model)
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, seq_idx=None):
         B, L, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        ks, shift = causal_conv1d_tokens(k, self.shift_weight, None, None if state is None else state["shift"])
+        ks, shift = causal_conv1d_tokens(k, self.shift_weight, None, None if state is None else state["shift"],
+                                         None, seq_idx)
         kv = self._kv(ks, v)  # (B, C, P, L)
         log_a, a_bar, b_bar, c = self._ssm(x.dtype)
         K = diag_ssm_kernel(log_a, c * b_bar, L)  # (C, L)
         Cn, P = kv.shape[1], self.P
-        s = fft_conv(kv.reshape(B, Cn * P, L), K.repeat_interleave(P, 0), self.D.repeat_interleave(P))
+        conv = fft_conv if seq_idx is None else (lambda *a: fft_conv_docs(*a, seq_idx))  # noqa: E731
+        s = conv(kv.reshape(B, Cn * P, L), K.repeat_interleave(P, 0), self.D.repeat_interleave(P))
         s = s.view(B, Cn, P, L)
         new_state = None
         if state is not None:
             x0 = state["ssm"]  # (B, C, P, N) complex: the state before this chunk
             pos = torch.arange(1, L + 1, device=x.device, dtype=log_a.real.dtype)
             pw = torch.exp(log_a[..., None] * pos)  # (C, N, L): a^{t+1}
-            s = s + 2 * torch.einsum("bcjn,cn,cnl->bcjl", x0, c, pw).real.to(s.dtype)
+            carry = 2 * torch.einsum("bcjn,cn,cnl->bcjl", x0, c, pw).real.to(s.dtype)
+            kvl, x0l = kv, x0
+            if seq_idx is not None:  # x0 reaches document 0 only; the new state is the last document's
+                carry = carry * (seq_idx == 0).to(s.dtype)[:, None, None, :]
+                kvl = kv * (seq_idx == seq_idx[:, -1:]).to(kv.dtype)[:, None, None, :]
+                x0l = x0 * (seq_idx[:, -1] == 0).to(x0.dtype)[:, None, None, None]
+            s = s + carry
             # x_{L-1} = a^L x0 + sum_t a^{L-1-t} b u_t
             rev = torch.flip(pw, dims=[-1]) / a_bar[..., None]  # a^{L-1-t}
-            xT = pw[..., -1][None, :, None, :] * x0 + torch.einsum(
-                "bcjl,cnl->bcjn", kv.to(rev.dtype), b_bar[..., None] * rev)
+            xT = pw[..., -1][None, :, None, :] * x0l + torch.einsum(
+                "bcjl,cnl->bcjn", kvl.to(rev.dtype), b_bar[..., None] * rev)
             new_state = {"shift": shift, "ssm": xT}
         return self.out_proj(self._readout(q, s)), new_state
 

@@ -5,12 +5,17 @@ rfft/irfft padded to 2L (no wrap-around), O(L log L), in fp32 (fp64 for fp64 inp
 ``diag_ssm_kernel(log_a, w, L)``: K[c, l] = 2 Re(sum_n w[c, n] exp(log_a[c, n] * l)), the
 kernel of a diagonal complex SSM, built as one batched matmul over sqrt(L)-sized blocks so
 memory stays near O(C * L) instead of O(C * N * L).
+``fft_conv_docs(u, k, D, seq_idx)``: the same convolution restarted at every document of a
+packed window (seqlm/ops/docs.py): each document is convolved on its own. Documents are
+gathered into batches by length bucket (powers of two), so the cost stays O(L log L) per
+window whatever the number of documents (at most ~2x the padded FFT size of one stream).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def fft_conv(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None) -> torch.Tensor:
@@ -26,13 +31,38 @@ def fft_conv(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None) ->
     return y.to(u.dtype)
 
 
-def fft_conv_ref(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None) -> torch.Tensor:
-    """Direct O(L^2) causal sum."""
+def fft_conv_docs(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None, seq_idx: torch.Tensor) -> torch.Tensor:
+    """u (B, C, L), k (C, L), D (C,), seq_idx (B, L) -> (B, C, L): y[t] sums only over inputs
+    of t's document."""
+    from seqlm.ops.docs import segments
+
+    B, C, L = u.shape
+    starts, lens = segments(seq_idx)                            # over the flattened B*L tokens
+    ut = torch.cat([u.transpose(1, 2).reshape(B * L, C), u.new_zeros(1, C)])  # row B*L: padding
+    size = torch.clamp(2 ** torch.ceil(torch.log2(lens.double())).long(), max=L).clamp(min=1)
+    pos, vals = [], []
+    for n in size.unique().tolist():
+        sel = size == n
+        ar = torch.arange(n)
+        valid = ar < lens[sel, None]                             # (m, n)
+        idx = torch.where(valid, starts[sel, None] + ar, B * L).to(u.device)
+        valid = valid.to(u.device)
+        ys = fft_conv(ut[idx].transpose(1, 2), k[:, :n], D)      # (m, C, n)
+        pos.append(idx[valid])
+        vals.append(ys.transpose(1, 2)[valid])                   # (tokens, C)
+    y = u.new_zeros(B * L, C).index_copy(0, torch.cat(pos), torch.cat(vals))
+    return y.view(B, L, C).transpose(1, 2)
+
+
+def fft_conv_ref(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None,
+                 seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Direct O(L^2) causal sum (with ``seq_idx``: over inputs of the same document only)."""
     L = u.shape[-1]
     y = torch.zeros_like(u)
     for t in range(L):
         for s in range(t + 1):
-            y[..., t] += k[..., t - s] * u[..., s]
+            same = 1.0 if seq_idx is None else (seq_idx[:, s] == seq_idx[:, t]).to(u.dtype)[:, None]
+            y[..., t] += k[..., t - s] * u[..., s] * same
     if D is not None:
         y = y + u * D[:, None]
     return y
