@@ -34,11 +34,19 @@ def resolve_device(tcfg) -> torch.device:
     return torch.device(tcfg.device)
 
 
-def autocast_dtype(tcfg, device: torch.device) -> Optional[torch.dtype]:
-    """bf16 autocast on CUDA by default; CPU computes in fp32 unless ``dtype: bf16`` asks
-    (bf16 matmuls are only fast on CPUs with AVX512-BF16 or AMX, far slower elsewhere)."""
+def autocast_dtype(tcfg, device: torch.device, verbose: bool = False, d_model: int = 512) -> Optional[torch.dtype]:
+    """bf16 autocast on CUDA by default; on CPU ``auto`` picks bf16 only where the CPU has
+    native bf16 matrix products that are faster at this width (seqlm/train/precision.py) and
+    prints which and why."""
     if tcfg.dtype == "bf16" or (tcfg.dtype == "auto" and device.type == "cuda"):
         return torch.bfloat16
+    if tcfg.dtype == "auto" and device.type == "cpu":
+        from seqlm.train.precision import choose_cpu_dtype
+
+        dtype, why = choose_cpu_dtype(d_model, tcfg.batch_size * tcfg.seq_len)
+        if verbose:
+            print(f"train.dtype auto -> {why}")
+        return dtype
     return None
 
 
@@ -97,13 +105,14 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
     if tc.threads:
         torch.set_num_threads(tc.threads)
     device = resolve_device(tc)
-    amp = autocast_dtype(tc, device)
+    amp = autocast_dtype(tc, device, verbose=True, d_model=cfg.model.d_model)
     out = Path(tc.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     tok, data, ckpt = _prepare(cfg, resume)
     torch.manual_seed(tc.seed)
     model = build_model(cfg, tok.vocab_size).to(device)
+    model.set_activation_checkpointing(tc.activation_checkpointing, tc.activation_checkpoint_k)
     opt = make_optimizer(model, tc)
     gen = torch.Generator().manual_seed(tc.seed)
     step = 0
