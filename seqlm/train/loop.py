@@ -64,9 +64,9 @@ def estimate_loss(model, data, cfg: RunConfig, device, amp, split: str = "val") 
     gen = torch.Generator().manual_seed(cfg.train.seed + 1)
     total = 0.0
     for _ in range(cfg.eval.batches):
-        x, y = data.get_batch(split, cfg.train.batch_size, cfg.train.seq_len, gen, device)
+        x, y, seq_idx = _unpack(data.get_batch(split, cfg.train.batch_size, cfg.train.seq_len, gen, device))
         with autocast(device, amp):
-            total += model.loss(x, y).item()
+            total += _loss(model, x, y, seq_idx).item()
     model.train(was_training)
     return total / cfg.eval.batches
 
@@ -160,9 +160,9 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
                 g["lr"] = lr
             loss_sum = 0.0
             for _ in range(tc.grad_accum):
-                x, y = data.get_batch("train", tc.batch_size, tc.seq_len, gen, device)
+                x, y, seq_idx = _unpack(data.get_batch("train", tc.batch_size, tc.seq_len, gen, device))
                 with autocast(device, amp):
-                    loss = fwd.loss(x, y) if fwd is model else _compiled_loss(fwd, x, y)
+                    loss = _loss(fwd, x, y, seq_idx) if fwd is model else _compiled_loss(fwd, x, y, seq_idx)
                 (loss / tc.grad_accum).backward()
                 loss_sum += loss.item()
             loss_val = loss_sum / tc.grad_accum
@@ -218,8 +218,18 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
             "checkpoint": str(path), "meta": read_meta(path)}
 
 
-def _compiled_loss(fwd, x, y):
+def _unpack(batch):
+    """(x, y) in stream packing, (x, y, seq_idx) in document packing -> (x, y, seq_idx or None)."""
+    return (*batch, None) if len(batch) == 2 else tuple(batch)
+
+
+def _loss(model, x, y, seq_idx):
+    """model.loss, with the document boundaries only in document packing."""
+    return model.loss(x, y) if seq_idx is None else model.loss(x, y, seq_idx=seq_idx)
+
+
+def _compiled_loss(fwd, x, y, seq_idx=None):
     import torch.nn.functional as F
 
-    logits, _ = fwd(x)
+    logits, _ = fwd(x) if seq_idx is None else fwd(x, seq_idx=seq_idx)
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
