@@ -211,12 +211,14 @@ def test_causal_conv_seq_idx_state_is_last_document():
     torch.testing.assert_close(torch.cat([a, b], 1), full)
 
 
-def test_fft_conv_docs_matches_ref():
+@pytest.mark.parametrize("lens", [LENS, [[30, 7], [37]], [[37], [37]]])  # all documents / later ones / none
+def test_fft_conv_docs_matches_ref(lens):
     torch.manual_seed(0)
+    si = seq_idx_of(lens)
     u = torch.randn(2, 3, T, dtype=D64, requires_grad=True)
     k = torch.randn(3, T, dtype=D64, requires_grad=True)
     D = torch.randn(3, dtype=D64, requires_grad=True)
-    _close_with_grads(fft_conv_docs(u, k, D, SI), fft_conv_ref(u, k, D, SI), [u, k, D])
+    _close_with_grads(fft_conv_docs(u, k, D, si), fft_conv_ref(u, k, D, si), [u, k, D])
 
 
 @pytest.mark.parametrize("window", [None, 5])

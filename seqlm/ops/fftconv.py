@@ -7,8 +7,8 @@ kernel of a diagonal complex SSM, built as one batched matmul over sqrt(L)-sized
 memory stays near O(C * L) instead of O(C * N * L).
 ``fft_conv_docs(u, k, D, seq_idx)``: the same convolution restarted at every document of a
 packed window (seqlm/ops/docs.py): each document is convolved on its own. Documents are
-gathered into batches by length bucket (powers of two), so the cost stays O(L log L) per
-window whatever the number of documents (at most ~2x the padded FFT size of one stream).
+gathered into batches by length bucket (half octaves: at most 50% padding), so the cost
+stays O(L log L) per window whatever the number of documents.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+STEPS = 1  # fft_conv_docs buckets: 2^STEPS sizes per octave
 
 
 def fft_conv(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None) -> torch.Tensor:
@@ -33,24 +35,46 @@ def fft_conv(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None) ->
 
 def fft_conv_docs(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None, seq_idx: torch.Tensor) -> torch.Tensor:
     """u (B, C, L), k (C, L), D (C,), seq_idx (B, L) -> (B, C, L): y[t] sums only over inputs
-    of t's document."""
+    of t's document.
+
+    One gather lays the documents out bucket after bucket, each bucket a (m, n) block of m
+    documents right-padded to n tokens (causal: the padding, any tokens, never reaches a real
+    output); the real outputs are gathered back in token order. When the rows' first
+    documents hold most tokens, the plain convolution of each row (exact up to its first
+    boundary) is kept and only the later documents are convolved on their own."""
     from seqlm.ops.docs import segments
 
     B, C, L = u.shape
-    starts, lens = segments(seq_idx)                            # over the flattened B*L tokens
-    ut = torch.cat([u.transpose(1, 2).reshape(B * L, C), u.new_zeros(1, C)])  # row B*L: padding
-    size = torch.clamp(2 ** torch.ceil(torch.log2(lens.double())).long(), max=L).clamp(min=1)
-    pos, vals = [], []
+    starts, lens = segments(seq_idx)                             # over the flattened B*L tokens
+    later = starts % L != 0                                      # documents not first in their row
+    y = None
+    if int(lens[later].sum()) * 2 < B * L:  # mostly first documents: plain conv, redo the rest
+        y = fft_conv(u, k, D)                                    # exact up to each row's first boundary
+        if not bool(later.any()):
+            return y
+        starts, lens = starts[later], lens[later]
+    step = 2 ** (torch.floor(torch.log2(lens.double())).long() - STEPS).clamp(min=0)
+    size = (lens + step - 1) // step * step                      # <= 2^-STEPS padding
+    src, dst, buckets = [], [], []
     for n in size.unique().tolist():
         sel = size == n
         ar = torch.arange(n)
-        valid = ar < lens[sel, None]                             # (m, n)
-        idx = torch.where(valid, starts[sel, None] + ar, B * L).to(u.device)
-        valid = valid.to(u.device)
-        ys = fft_conv(ut[idx].transpose(1, 2), k[:, :n], D)      # (m, C, n)
-        pos.append(idx[valid])
-        vals.append(ys.transpose(1, 2)[valid])                   # (tokens, C)
-    y = u.new_zeros(B * L, C).index_copy(0, torch.cat(pos), torch.cat(vals))
+        idx = starts[sel, None] + ar                              # (m, n) token of each slot
+        valid = ar < lens[sel, None]
+        src.append(idx.clamp(max=B * L - 1).reshape(-1))
+        dst.append(valid.reshape(-1))
+        buckets.append((int(sel.sum()), n))
+    src, dst = torch.cat(src).to(u.device), torch.cat(dst).to(u.device)
+    g = u.transpose(1, 2).reshape(B * L, C)[src]                 # (P, C), documents in buckets
+    outs = []
+    for (m, n), seg in zip(buckets, g.split([m * n for m, n in buckets])):  # split: no zero-filled grads
+        outs.append(fft_conv(seg.view(m, n, C).transpose(1, 2), k[:, :n], D).transpose(1, 2).reshape(m * n, C))
+    vals = torch.cat(outs)[dst]                                  # real outputs, bucket order
+    if y is None:  # every document was convolved: put the outputs back in token order
+        inv = torch.empty(B * L, dtype=torch.long, device=u.device)
+        inv[src[dst]] = torch.arange(len(vals), device=u.device)
+        return vals[inv].view(B, L, C).transpose(1, 2)
+    y = y.transpose(1, 2).reshape(B * L, C).index_copy(0, src[dst], vals)
     return y.view(B, L, C).transpose(1, 2)
 
 
