@@ -224,9 +224,11 @@ def test_fft_conv_docs_matches_ref(lens):
 @pytest.mark.parametrize("window", [None, 5])
 def test_attention_seq_idx_matches_ref(window):
     torch.manual_seed(0)
-    q = torch.randn(2, 4, T, 8, dtype=D64)
-    k, v = torch.randn(2, 2, T, 8, dtype=D64), torch.randn(2, 2, T, 8, dtype=D64)
-    torch.testing.assert_close(attention(q, k, v, 0, window, SI), attention_ref(q, k, v, 0, window, SI))
+    q = torch.randn(2, 4, T, 8, dtype=D64, requires_grad=True)
+    k = torch.randn(2, 2, T, 8, dtype=D64, requires_grad=True)
+    v = torch.randn(2, 2, T, 8, dtype=D64, requires_grad=True)
+    _close_with_grads(attention(q, k, v, 0, window, SI), attention_ref(q, k, v, 0, window, SI), [q, k, v])
+    q, k, v = q.detach(), k.detach(), v.detach()
     # against a cache: keys before q_offset belong to document 0
     torch.testing.assert_close(attention(q[:, :, 30:], k, v, 30, window, SI[:, 30:]),
                                attention_ref(q[:, :, 30:], k, v, 30, window, SI[:, 30:]))

@@ -56,12 +56,39 @@ def _flash_docs(q, k, v, window, seq_idx):
     return out.view(B, T, H, hd).transpose(1, 2)
 
 
+def _sdpa_docs(q, k, v, seq_idx):
+    """Causal attention inside each document of a packed window, without a (T, T) mask: the
+    documents are gathered into length buckets (seqlm/ops/docs.py, right-padded) and each
+    bucket runs SDPA with ``is_causal`` (its fast kernel); work ~ sum of squared document
+    lengths instead of T^2. q (B, H, T, hd), k/v (B, Hkv, T, hd)."""
+    from seqlm.ops.docs import bucket_layout, segments
+
+    B, H, T, hd = q.shape
+    Hkv = k.shape[1]
+    starts, lens = segments(seq_idx)
+    src, real, buckets = bucket_layout(starts, lens, B * T)
+    src, real = src.to(q.device), real.to(q.device)
+    flat = lambda t: t.transpose(1, 2).reshape(B * T, t.shape[1], hd)[src]  # noqa: E731  (P, H*, hd)
+    sizes = [m * n for m, n in buckets]
+    outs = []
+    for (m, n), qs, ks, vs in zip(buckets, *(flat(t).split(sizes) for t in (q, k, v))):
+        o = F.scaled_dot_product_attention(*(t.view(m, n, -1, hd).transpose(1, 2) for t in (qs, ks, vs)),
+                                           is_causal=True, enable_gqa=Hkv != H)
+        outs.append(o.transpose(1, 2).reshape(m * n, H, hd))
+    vals = torch.cat(outs)[real]                                   # real tokens, bucket order
+    inv = torch.empty(B * T, dtype=torch.long, device=q.device)
+    inv[src[real]] = torch.arange(len(vals), device=q.device)
+    return vals[inv].view(B, T, H, hd).transpose(1, 2)
+
+
 def attention(q, k, v, q_offset: int = 0, window: int | None = None, seq_idx=None) -> torch.Tensor:
     B, H, Tq, hd = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     if seq_idx is not None:
         if use_flash(q) and _flash_varlen is not None and q_offset == 0 and Tq == Tk:
             return _flash_docs(q, k, v, window, seq_idx)
+        if window is None and q_offset == 0 and Tq == Tk:
+            return _sdpa_docs(q, k, v, seq_idx)
         mask = _doc_mask(Tq, Tk, q_offset, window, seq_idx)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)
     if use_flash(q) and Tk == q_offset + Tq:

@@ -50,3 +50,23 @@ def segments(seq_idx: Tensor) -> tuple[Tensor, Tensor]:
     starts = new.reshape(-1).nonzero()[:, 0].cpu()
     ends = torch.cat([starts[1:], torch.tensor([B * L])])
     return starts, ends - starts
+
+
+def bucket_layout(starts: Tensor, lens: Tensor, total: int, steps: int = 1):
+    """Lay documents (flat ``starts``, ``lens`` over ``total`` tokens) out for batched
+    per-document kernels: documents are grouped by length rounded up to 2^steps sizes per
+    octave (<= 2^-steps padding) and each group is an (m, n) block of m documents
+    right-padded to n slots. Returns ``src`` (P,) the token of each slot (padding slots point
+    at some real token: for causal kernels right padding never reaches a real output),
+    ``real`` (P,) bool, and ``buckets`` [(m, n)] in slot order."""
+    step = 2 ** (torch.floor(torch.log2(lens.double())).long() - steps).clamp(min=0)
+    size = (lens + step - 1) // step * step
+    src, real, buckets = [], [], []
+    for n in size.unique().tolist():
+        sel = size == n
+        ar = torch.arange(n)
+        idx = starts[sel, None] + ar                                  # (m, n)
+        src.append(idx.clamp(max=total - 1).reshape(-1))
+        real.append((ar < lens[sel, None]).reshape(-1))
+        buckets.append((int(sel.sum()), n))
+    return torch.cat(src), torch.cat(real), buckets

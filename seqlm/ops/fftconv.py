@@ -42,7 +42,7 @@ def fft_conv_docs(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None, seq_
     output); the real outputs are gathered back in token order. When the rows' first
     documents hold most tokens, the plain convolution of each row (exact up to its first
     boundary) is kept and only the later documents are convolved on their own."""
-    from seqlm.ops.docs import segments
+    from seqlm.ops.docs import bucket_layout, segments
 
     B, C, L = u.shape
     starts, lens = segments(seq_idx)                             # over the flattened B*L tokens
@@ -53,18 +53,8 @@ def fft_conv_docs(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None, seq_
         if not bool(later.any()):
             return y
         starts, lens = starts[later], lens[later]
-    step = 2 ** (torch.floor(torch.log2(lens.double())).long() - STEPS).clamp(min=0)
-    size = (lens + step - 1) // step * step                      # <= 2^-STEPS padding
-    src, dst, buckets = [], [], []
-    for n in size.unique().tolist():
-        sel = size == n
-        ar = torch.arange(n)
-        idx = starts[sel, None] + ar                              # (m, n) token of each slot
-        valid = ar < lens[sel, None]
-        src.append(idx.clamp(max=B * L - 1).reshape(-1))
-        dst.append(valid.reshape(-1))
-        buckets.append((int(sel.sum()), n))
-    src, dst = torch.cat(src).to(u.device), torch.cat(dst).to(u.device)
+    src, dst, buckets = bucket_layout(starts, lens, B * L, STEPS)
+    src, dst = src.to(u.device), dst.to(u.device)
     g = u.transpose(1, 2).reshape(B * L, C)[src]                 # (P, C), documents in buckets
     outs = []
     for (m, n), seg in zip(buckets, g.split([m * n for m, n in buckets])):  # split: no zero-filled grads
