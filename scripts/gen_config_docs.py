@@ -59,15 +59,19 @@ def _table(model: type[BaseModel], prefix: str, out: list[str], nested: list) ->
     for name, f in model.model_fields.items():
         ann = f.annotation
         sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        item = ""
         for a in typing.get_args(ann):
             if isinstance(a, type) and issubclass(a, BaseModel) and name not in ("layers",):
                 sub = a
+            for b in typing.get_args(a) if typing.get_origin(a) is list else ():  # list of sections
+                if isinstance(b, type) and issubclass(b, BaseModel) and name not in ("layers",):
+                    sub, item = b, "[i]"
         desc = (f.description or "").replace("|", "\\|").replace("\n", " ")
         if name == "type" and typing.get_origin(ann) is typing.Literal and len(typing.get_args(ann)) == 1:
             desc = desc or "Block type tag."
         out.append(f"| `{prefix}{name}` | {_type_name(ann)} | {_default(f)} | {desc} |")
         if sub is not None:
-            nested.append((sub, f"{prefix}{name}."))
+            nested.append((sub, f"{prefix}{name}{item}."))
 
 
 def render() -> str:

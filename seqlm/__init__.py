@@ -6,3 +6,13 @@ from seqlm.cpualloc import configure as _configure_cpu_alloc
 CPU_ALLOC = _configure_cpu_alloc()
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # seqlm.load / seqlm.save_pretrained without importing the I/O layer on `import seqlm`
+    # (so `import seqlm.model` stays free of seqlm.io)
+    if name in ("load", "save_pretrained"):
+        from seqlm.io import pretrained
+
+        return getattr(pretrained, name)
+    raise AttributeError(f"module 'seqlm' has no attribute {name!r}")

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(args) -> int:
-    """Run a parsed command; known user errors become one line on stderr and exit code 2."""
+    """Run a parsed command; known user errors (bad config, checkpoint, data, I/O) become one
+    message on stderr and exit code 2; a second Ctrl-C exits 130."""
     from seqlm.config import ConfigError
 
     try:
@@ -43,9 +44,14 @@ def run_command(args) -> int:
     except ConfigError as e:
         print(f"seqlm: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
-        print(f"seqlm: error: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:  # CheckpointError, NonFiniteLossError, data errors, disk full
+        msg = str(e) if not isinstance(e, OSError) or not e.strerror else \
+            f"{e.strerror}: {e.filename!r}" if e.filename else e.strerror
+        print(f"seqlm: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("seqlm: interrupted", file=sys.stderr)
+        return 130
     return int(rc or 0)
 
 

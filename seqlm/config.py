@@ -14,12 +14,14 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, ValidationError,
+                      field_validator, model_validator)
 
 from seqlm import registry
+from seqlm.blocks.base import BlockConfig
 
 
 class ConfigError(ValueError):
@@ -31,13 +33,30 @@ class Section(BaseModel):
 
 
 # --------------------------------------------------------------------------------------
-# layer specs: a discriminated union over every registered block's Config
-registry.load_blocks()
-_BLOCK_CONFIGS = tuple(cls.Config for cls in registry.blocks().values())
-if len(_BLOCK_CONFIGS) == 1:  # pragma: no cover - a Union needs two members
-    LayerSpec = _BLOCK_CONFIGS[0]
-else:
-    LayerSpec = Annotated[Union[_BLOCK_CONFIGS], Field(discriminator="type")]
+# layer specs: each entry is validated against the Config of the block its ``type`` names,
+# looked up in the registry when the config is validated (not when this module is imported),
+# so blocks registered later (entry points, ``@register`` in a user's script) work too
+def _layer_spec(value: Any) -> Any:
+    if isinstance(value, BlockConfig):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a mapping with a `type`, got {type(value).__name__}")
+    kind = value.get("type")
+    blocks = registry.blocks()
+    if kind not in blocks:
+        raise ValueError(f"type: unknown block type {kind!r}; registered: {sorted(blocks)}")
+    try:
+        return blocks[kind].Config.model_validate(value)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            loc = ".".join(str(x) for x in e["loc"])
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{loc}: {msg}" if loc else msg)
+        raise ValueError("; ".join(lines)) from None
+
+
+LayerSpec = Annotated[SerializeAsAny[BlockConfig], BeforeValidator(_layer_spec)]
 
 
 def _char_table() -> str:
@@ -107,6 +126,20 @@ class ModelConfig(Section):
     recursive: Optional[RecursiveConfig] = Field(
         None, description="Relaxed recursive sharing of the layers (see below); null: every layer owns its weights.",
     )
+    pos_embedding: Literal["none", "learned"] = Field(
+        "none", description="Absolute position embeddings added to the token embeddings: `none` (positions "
+        "come from the blocks, e.g. RoPE, or from SSM recurrence) or `learned` (a max_positions x d_model "
+        "table, as in GPT-2).",
+    )
+    max_positions: Optional[int] = Field(
+        None, gt=0, description="`pos_embedding: learned`: table length, the longest sequence the model reads "
+        "(required then; unused otherwise).",
+    )
+    parallel_residual: bool = Field(
+        False, description="Layers run in pairs (0,1), (2,3), ... that both read the same stream: "
+        "r = r + f_2i(norm_2i(r)) + f_2i+1(norm_2i+1(r)) (GPT-NeoX / GPT-J style attention || MLP). "
+        "Needs an even number of layers and `residual: standard`.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -169,6 +202,13 @@ class ModelConfig(Section):
         for i, spec in enumerate(self.layers or []):
             for fld, why in spec.check(self.d_model):
                 problems.append(f"layers[{i}].{fld}: {why}")
+        if self.pos_embedding == "learned" and self.max_positions is None:
+            problems.append("max_positions: required when pos_embedding is learned")
+        if self.parallel_residual:
+            if len(self.layers or []) % 2:
+                problems.append(f"parallel_residual: needs an even number of layers, got {len(self.layers or [])}")
+            if self.residual != "standard":
+                problems.append("parallel_residual: only with residual: standard")
         rc, layers = self.recursive, self.layers or []
         if rc is not None and not problems:
             if rc.groups > len(layers):
@@ -191,33 +231,31 @@ class ModelConfig(Section):
 class TokenizerConfig(Section):
     """Which tokenizer turns text into ids (saved with every checkpoint)."""
 
-    type: Literal["char", "byte", "sentencepiece"] = Field(
+    type: Literal["char", "byte", "sentencepiece", "hf"] = Field(
         "char", description="`char`: one id per character seen in the training files; "
-        "`byte`: UTF-8 bytes (256 ids + EOS); `sentencepiece`: a trained BPE/unigram model."
+        "`byte`: UTF-8 bytes (256 ids + EOS); `sentencepiece`: a trained BPE/unigram model; "
+        "`hf`: the tokenizer of a local Hugging Face model directory (tokenizer.json or tokenizer.model)."
     )
     path: Optional[str] = Field(
-        None, description="SentencePiece `.model` file (required for type sentencepiece)."
+        None, description="SentencePiece `.model` file (type sentencepiece) or Hugging Face model directory "
+        "(type hf); required for those types."
     )
 
     @model_validator(mode="after")
     def _need_path(self) -> "TokenizerConfig":
-        if self.type == "sentencepiece" and not self.path:
-            raise ValueError("path: required when type is sentencepiece")
+        if self.type in ("sentencepiece", "hf") and not self.path:
+            raise ValueError(f"path: required when type is {self.type}")
         return self
 
 
-class DataConfig(Section):
-    """Training text: local files, tokenized once into a memmapped token cache."""
+class SourceConfig(Section):
+    """One source of a weighted mixture (`data.sources`)."""
 
-    files: list[str] = Field(
-        default_factory=lambda: ["data/tinyshakespeare.txt"],
-        description="Local `.txt`, `.jsonl` or `.parquet` files (globs allowed). Each file / "
-        "record is one document; documents are joined with EOS.",
-    )
-    text_field: str = Field("text", description="Record field holding the text in jsonl/parquet.")
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="The tokenizer (see below).")
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="Tail fraction of tokens held out for validation.")
-    cache_dir: str = Field(".cache/seqlm", description="Where token caches are written.")
+    files: list[str] = Field(..., description="Data files, globs or directories of this source (as `data.files`).")
+    weight: float = Field(1.0, gt=0, description="Sampling weight: a training window comes from this source "
+                          "with probability weight / sum of weights (independent of the source's size).")
+    text_field: Optional[str] = Field(None, description="Record field holding the text; null: `data.text_field`.")
+    doc_separator: Optional[str] = Field(None, description="Document separator; null: `data.doc_separator`.")
 
     @field_validator("files")
     @classmethod
@@ -225,6 +263,64 @@ class DataConfig(Section):
         if not v:
             raise ValueError("must list at least one file")
         return v
+
+
+class DataConfig(Section):
+    """Training text: local files, tokenized once into a memmapped token cache."""
+
+    files: list[str] = Field(
+        default_factory=lambda: ["data/tinyshakespeare.txt"],
+        description="Local `.txt`, `.jsonl`, `.parquet` or `.arrow` files (globs allowed) or directories "
+        "(a Hugging Face dataset saved with `save_to_disk`, or a directory of data files). Each txt file / "
+        "record is one document; documents are joined with EOS.",
+    )
+    sources: Optional[list[SourceConfig]] = Field(
+        None, description="A weighted mixture instead of `files`: a list of `{files, weight, text_field, "
+        "doc_separator}`; each source has its own token cache and train/val split."
+    )
+    text_field: str = Field("text", description="Record field holding the text in jsonl/parquet/arrow.")
+    doc_separator: Optional[str] = Field(
+        None, description="Split each txt file / record further into documents after every occurrence of "
+        "this string (kept at the end of its document; whitespace-only documents are dropped), e.g. "
+        "\"\\n\\n\" for blank-line paragraphs. null: one document per txt file / record."
+    )
+    packing: Literal["stream", "document"] = Field(
+        "stream", description="`stream`: windows of the EOS-joined stream; `document`: the same windows, "
+        "each with its document boundaries (`seq_idx`) so the model does not attend or carry state across them."
+    )
+    val_split: Literal["tokens", "documents"] = Field(
+        "tokens", description="`tokens`: the last `val_fraction` of each source's tokens is validation; "
+        "`documents`: its last whole documents holding about that fraction (no document in both splits)."
+    )
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="The tokenizer (see below).")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of tokens held out for validation.")
+    cache_dir: str = Field(".cache/seqlm", description="Where token caches are written.")
+    num_workers: Optional[int] = Field(
+        None, ge=1, description="Tokenizer processes (1: in this process); null: one per CPU core. The cache "
+        "is the same for any count."
+    )
+    verify_cache: bool = Field(
+        False, description="Rehash every data file on launch; by default a file is rehashed only when its "
+        "size or times changed."
+    )
+
+    @field_validator("files")
+    @classmethod
+    def _nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("must list at least one file")
+        return v
+
+    @model_validator(mode="after")
+    def _files_or_sources(self) -> "DataConfig":
+        if self.sources is not None:
+            if not self.sources:
+                raise ValueError("sources: must list at least one source (or remove it to use data.files)")
+            if "files" in self.model_fields_set:
+                raise ValueError("give data.files or data.sources, not both")
+        if self.doc_separator == "":
+            raise ValueError("doc_separator: must not be empty (null: no separator)")
+        return self
 
 
 class TrainConfig(Section):
@@ -269,7 +365,15 @@ class TrainConfig(Section):
         "must describe the same network (use the checkpoint's config.yaml). Not for resuming: see --resume."
     )
     log_every: int = Field(10, gt=0, description="Steps between JSONL/TensorBoard train logs.")
-    checkpoint_every: int = Field(0, ge=0, description="Steps between checkpoints; 0: only at the end.")
+    checkpoint_every: int = Field(
+        0, ge=0, description="Steps between checkpoints; 0: only at the end (and on SIGINT / SIGTERM, "
+        "which always checkpoint at the next step boundary).")
+    keep_last: int = Field(
+        2, gt=0, description="Step checkpoints kept in <out_dir>/checkpoint (the oldest are deleted only "
+        "after a new one is complete).")
+    max_bad_steps: int = Field(
+        5, ge=0, description="Consecutive steps with a non-finite loss or gradient that are skipped (no "
+        "update) before the run stops with a checkpoint of the state before them; 0: stop at the first.")
     progress: bool = Field(True, description="Show a tqdm progress bar.")
 
 
@@ -355,6 +459,12 @@ class RunConfig(Section):
     memory: Optional[MemoryConfig] = Field(
         None, description="Hierarchical memory (HMT) around the model; null: a plain LM."
     )
+
+    @model_validator(mode="after")
+    def _memory_fits_model(self) -> "RunConfig":
+        if self.memory is not None and self.model.pos_embedding != "none":
+            raise ValueError("model.pos_embedding: learned positions are not supported with memory (HMT)")
+        return self
 
 
 # --------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqlm.config import ModelConfig
-from seqlm.ops.docs import check_seq_idx
+from seqlm.model_card import load_pretrained_dir, save_pretrained_dir
+from seqlm.ops.docs import check_seq_idx, doc_starts
 from seqlm.ops.norm import make_norm
 from seqlm.stack import Stack
 
@@ -24,10 +25,14 @@ class LM(nn.Module):
         self.cfg, self.vocab_size = cfg, V
         self.embed = nn.Embedding(V, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        # learned absolute positions (GPT-2); the state then carries the position (PosState)
+        self.pos_embed = nn.Embedding(cfg.max_positions, cfg.d_model) if cfg.pos_embedding == "learned" else None
         self.stack = Stack(cfg)
         self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, V, bias=False)
         nn.init.normal_(self.embed.weight, 0.0, cfg.init_std)
+        if self.pos_embed is not None:
+            nn.init.normal_(self.pos_embed.weight, 0.0, cfg.init_std)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         else:
@@ -39,9 +44,31 @@ class LM(nn.Module):
         ``seq_idx`` (B, T) int: document index per position of a packed window
         (seqlm/ops/docs.py); nothing crosses a document boundary. None: one stream."""
         check_seq_idx(seq_idx, *tokens.shape)
-        x = self.drop(self.embed(tokens))
-        x, state = self.stack(x, state, seq_idx=seq_idx)
-        return self.norm_f(x), state
+        x, pos = self._embed(tokens, state, seq_idx)
+        x, state = self.stack(self.drop(x), state, seq_idx=seq_idx)
+        return self.norm_f(x), self._with_pos(state, pos)
+
+    def _embed(self, tokens: torch.Tensor, state, seq_idx=None):
+        """Token (+ learned position) embeddings (B, T, D) and the position after them
+        (with ``seq_idx``, positions restart at each document)."""
+        x = self.embed(tokens)
+        if self.pos_embed is None:
+            return x, None
+        start = 0 if state is None else state.pos
+        end = start + tokens.shape[1]
+        if end > self.pos_embed.num_embeddings:
+            raise ValueError(f"model.max_positions: the model reads at most {self.pos_embed.num_embeddings} "
+                             f"positions; {end} needed")
+        if seq_idx is None:
+            return x + self.pos_embed.weight[start:end], end
+        t = torch.arange(tokens.shape[1], device=tokens.device)
+        first = torch.where(doc_starts(seq_idx), t, 0).cummax(1).values     # (B, T) its document's start
+        pos = torch.where(seq_idx == 0, t + start, t - first)                # document 0 continues a state
+        return x + self.pos_embed(pos), end
+
+    @staticmethod
+    def _with_pos(state, pos):
+        return state if state is None or pos is None else PosState(state, pos)
 
     def forward(self, tokens: torch.Tensor, state=None, seq_idx=None):
         """tokens (B, T) -> logits (B, T, V), new state (None when ``state`` is None)."""
@@ -60,12 +87,14 @@ class LM(nn.Module):
     def init_state(self, batch: int, max_len: int, device=None, dtype=None):
         device = device or self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
-        return self.stack.init_state(batch, max_len, device, dtype)
+        st = self.stack.init_state(batch, max_len, device, dtype)
+        return st if self.pos_embed is None else PosState(st, 0)
 
     def step(self, token: torch.Tensor, state):
         """token (B, 1) -> logits (B, 1, V), new state. O(1) in the context for SSM layers."""
-        x, state = self.stack.step(self.embed(token), state)
-        return self.head(self.norm_f(x)), state
+        x, pos = self._embed(token, state)
+        x, state = self.stack.step(x, state)
+        return self.head(self.norm_f(x)), self._with_pos(state, pos)
 
     def compiled_step(self):
         """``step`` through ``torch.compile``, made once per model and kept.
@@ -89,6 +118,21 @@ class LM(nn.Module):
 
     def tp_plan(self) -> dict[str, str]:
         return {rf"stack\.{k}": v for k, v in self.stack.tp_plan().items()}
+
+    # -- a self-contained model directory ---------------------------------------------
+    def save_pretrained(self, directory, tokenizer=None, run_config=None, metrics: Optional[dict] = None):
+        """Write ``directory``: config.yaml (``run_config``, or a RunConfig holding this model's
+        section), model.safetensors, tokenizer/ (when given), meta.json and README.md (a model
+        card with the config and ``metrics``). The same layout as a model-only checkpoint, so
+        every command that takes ``--checkpoint`` reads it; :meth:`from_pretrained` and
+        ``seqlm.load`` read it back. Written to a temp directory, then renamed into place."""
+        return save_pretrained_dir(self, directory, tokenizer, run_config, metrics)
+
+    @classmethod
+    def from_pretrained(cls, directory, device="cpu", dtype=None) -> "LM":
+        """The LM saved by :meth:`save_pretrained` (or any model-only seqlm checkpoint of a
+        plain LM), in eval mode. ``seqlm.load`` also returns its tokenizer."""
+        return load_pretrained_dir(cls, directory, device, dtype)
 
     # -- generation ---------------------------------------------------------------------
     @torch.no_grad()
@@ -140,6 +184,14 @@ class LM(nn.Module):
             logits = logits[:, -1]
         res = torch.stack(out, dim=1) if out else ids.new_zeros(B, 0)
         return res[0] if squeeze else res
+
+
+class PosState(list):
+    """The per-layer states plus ``pos``, the next token's position (learned-position models)."""
+
+    def __init__(self, states, pos: int):
+        super().__init__(states)
+        self.pos = pos
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,

@@ -37,6 +37,7 @@ class Stack(nn.Module):
         specs = cfg.layers or []
         self.n_layers = len(specs)
         self.ladder = cfg.residual == "ladder"
+        self.parallel = cfg.parallel_residual  # pairs (2i, 2i+1) read the same stream
         self.norms = nn.ModuleList(make_norm(cfg.norm, cfg.d_model, cfg.norm_eps) for _ in specs)
         blocks = [get_block(s.type)(s, cfg.d_model) for s in specs]
         for b in blocks:
@@ -101,9 +102,13 @@ class Stack(nn.Module):
         return x, new
 
     def _add(self, x, prev, out):
-        """The residual update of one layer: (stream, pending ladder output)."""
+        """The residual update of one layer: (stream, pending output). Ladder: the previous
+        layer's output joins one layer late; parallel residual: the first output of a pair
+        waits for the second (both read the same stream)."""
         if self.ladder:
             return (x if prev is None else x + prev), out
+        if self.parallel:
+            return (x, out) if prev is None else (x + prev + out, None)
         return x + out, None
 
     def _layers(self, i0, i1, x, prev, seq_idx):

@@ -57,10 +57,12 @@ def test_checkpointed_gradients_equal_plain(name):
     check_same(make(CHAR[name] + "-" if name != "mlp" else "--", dropout=0.1, n_layers=4))
 
 
-@pytest.mark.parametrize("topology", ["ladder", "recursive", "hmt", "packed"])
+@pytest.mark.parametrize("topology", ["ladder", "recursive", "hmt", "packed", "parallel"])
 def test_checkpointed_gradients_topologies(topology):
     if topology == "ladder":
         check_same(make(ALL, residual="ladder", dropout=0.1))
+    elif topology == "parallel":
+        check_same(make(ALL + "-" * (len(ALL) % 2), parallel_residual=True, dropout=0.1))
     elif topology == "recursive":
         check_same(make(ALL, n_layers=2 * len(ALL), recursive={"groups": len(ALL), "lora_rank": 2}))
     elif topology == "hmt":

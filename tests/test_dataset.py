@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from seqlm.config import DataConfig
-from seqlm.data import dataset as ds_mod
+from seqlm.data import cache as cache_mod
+from seqlm.data import pipeline as pipe_mod
+from seqlm.data import readers as readers_mod
 from seqlm.data.dataset import load_data, token_dtype
 from seqlm.data.tokenizers import ByteTokenizer, CharTokenizer, load_tokenizer
 
@@ -61,7 +63,8 @@ def test_cache_reused_without_retokenizing(tmp_path, two_txt, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("retokenized although the cache is valid")
 
-    monkeypatch.setattr(ds_mod, "tokenize_files", boom)
+    monkeypatch.setattr(cache_mod, "tokenize_files", boom)
+    monkeypatch.setattr(cache_mod, "file_digest", boom)  # the fast check: a stat per file, no rehash
     second = load_data(cfg, ALL_CHARS)
     assert second.from_cache and second.cache_path == first.cache_path
     assert first.cache_path.stat().st_mtime_ns == mtime
@@ -78,7 +81,7 @@ def test_cache_rebuilt_on_content_change_even_with_same_size_and_mtime(tmp_path,
     os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert a.stat().st_size == st.st_size and a.stat().st_mtime_ns == st.st_mtime_ns
     second = load_data(cfg, ALL_CHARS)
-    assert not second.from_cache and second.cache_path != first.cache_path
+    assert not second.from_cache and second.cache_path == first.cache_path  # rebuilt in place
     assert ALL_CHARS.decode(second.tokens).startswith(TEXT_A.replace("line 7:", "line x:"))
     with open(a, "a") as f:
         f.write("line 999: not to be.\n")
@@ -148,7 +151,7 @@ def test_missing_files_are_named(tmp_path):
 
 def test_unknown_character_names_the_file(tmp_path, two_txt):
     (tmp_path / "c.txt").write_text("abc\nxyz\u00b5 \n")
-    with pytest.raises(ValueError, match=r"c\.txt.*document 1.*'µ' \(U\+00B5\) at position 7"):
+    with pytest.raises(ValueError, match=r"c\.txt.*'µ' \(U\+00B5\) at position 7"):
         load_data(cfg_for(tmp_path, [tmp_path / "c.txt"]), ALL_CHARS)
 
 
@@ -209,9 +212,9 @@ def test_big_document_split_into_pieces_same_tokens(tmp_path, monkeypatch):
     (tmp_path / "big.txt").write_text(text)
     sp = load_tokenizer(ROOT / "tokenizers" / "shakespeare-bpe2048.model")
     whole = sp.encode(text) + [sp.eos_id]
-    monkeypatch.setattr(ds_mod, "PIECE_CHARS", 1000)
-    monkeypatch.setattr(ds_mod, "BATCH_CHARS", 5000)
-    pieces = list(ds_mod._pieces(text, True))
+    monkeypatch.setattr(pipe_mod, "PIECE_CHARS", 1000)
+    monkeypatch.setattr(readers_mod, "CHUNK_BYTES", 5000)
+    pieces = list(pipe_mod._pieces(text, True))
     assert len(pieces) > 50 and "".join(pieces) == text and all(p.endswith("\n") for p in pieces)
     assert load_data(cfg_for(tmp_path, [tmp_path / "big.txt"]), sp, progress=True).tokens.tolist() == whole
 

@@ -13,8 +13,13 @@ FORBIDDEN = {
     "seqlm.memory": ["seqlm.train", "seqlm.eval", "seqlm.io"],
     "seqlm.recursive": ["seqlm.train", "seqlm.eval", "seqlm.io", "seqlm.model"],
     "seqlm.io": ["seqlm.train", "seqlm.eval"],
+    "seqlm.io.hf": ["seqlm.train", "seqlm.eval", "transformers"],
+    "seqlm.io.pretrained": ["seqlm.train", "seqlm.eval", "transformers"],
+    "seqlm": ["seqlm.io", "seqlm.model", "seqlm.train", "seqlm.eval"],
+    "seqlm.config": ["seqlm.io", "seqlm.model", "seqlm.train", "seqlm.eval", "seqlm.memory"],
     "seqlm.eval.perplexity": ["seqlm.train"],
     "seqlm.eval.cli": ["seqlm.train"],
+    "seqlm.data": ["seqlm.train", "seqlm.eval", "seqlm.io", "seqlm.model", "seqlm.stack", "seqlm.memory"],
 }
 
 

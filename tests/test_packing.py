@@ -79,11 +79,14 @@ def test_packed_window_equals_separate_documents(name):
         assert (packed - stream).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("topology", ["ladder", "recursive", "hmt"])
+@pytest.mark.parametrize("topology", ["ladder", "recursive", "hmt", "parallel_learned_pos"])
 def test_packed_window_topologies(topology):
     pattern = "".join(sorted(registry.pattern_chars()))  # every block type in one stack
     if topology == "ladder":
         model = make(pattern, residual="ladder")
+    elif topology == "parallel_learned_pos":  # positions restart at each document
+        model = make(pattern + "-" * (len(pattern) % 2), parallel_residual=True, pos_embedding="learned",
+                     max_positions=64)
     elif topology == "recursive":
         model = make(pattern, n_layers=2 * len(pattern), recursive={"groups": len(pattern), "lora_rank": 2})
     else:

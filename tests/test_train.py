@@ -44,8 +44,9 @@ def test_resume_is_exact(tmp_path):
     assert resumed["step"] == 8
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     assert len(losses(tmp_path / "a")) == 8
-    wa = load_file(str(tmp_path / "a" / "checkpoint" / "model.safetensors"))
-    wb = load_file(str(tmp_path / "b" / "checkpoint" / "model.safetensors"))
+    wa = load_file(str(Path(straight["checkpoint"]) / "model.safetensors"))
+    wb = load_file(str(Path(resumed["checkpoint"]) / "model.safetensors"))
+    assert Path(resumed["checkpoint"]) == tmp_path / "b" / "checkpoint" / "step-00000008"
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
@@ -59,7 +60,8 @@ def test_loss_goes_down_and_outputs_written(tmp_path):
     assert sum(ls[-5:]) / 5 < sum(ls[:5]) / 5 - 0.3
     assert math.isclose(res["val_ppl"], math.exp(res["val_loss"]))
     ck = Path(res["checkpoint"])
-    for f in ("config.yaml", "model.safetensors", "tokenizer", "trainer.pt", "meta.json"):
+    for f in ("config.yaml", "model.safetensors", "tokenizer", "trainer.safetensors", "trainer.json",
+              "meta.json", "manifest.json"):
         assert (ck / f).exists(), f
     assert (tmp_path / "run" / "tb").is_dir()
     assert isinstance(res["sample"], str) and len(res["sample"]) > 0
@@ -78,8 +80,9 @@ def test_failed_checkpoint_leaves_previous_intact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(tok), "save", boom)
     with pytest.raises(OSError):
-        ck.save_checkpoint(path, model, cfg, tok)
+        ck.save_checkpoint(path.parent, model, cfg, tok, step=3)
     assert (path / "model.safetensors").read_bytes() == before
+    assert ck.resolve_checkpoint(path.parent) == path
     assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name]
 
 

@@ -21,6 +21,9 @@ class AttentionConfig(BlockConfig):
     head_dim: Optional[int] = Field(None, gt=0, description="Per-head width; null = d_model / n_heads.")
     rope: bool = Field(True, description="Rotary position embeddings on q and k.")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base.")
+    rotary_dim: Optional[int] = Field(
+        None, gt=0, description="Partial rotary (GPT-NeoX): rotate only the first rotary_dim channels of each "
+        "q/k head (even, <= head dim); null = the whole head.")
     window: Optional[int] = Field(None, gt=0, description="Sliding-window size; null = full causal.")
     bias: bool = Field(False, description="Bias in the projections.")
 
@@ -32,8 +35,10 @@ class AttentionConfig(BlockConfig):
         if self.n_heads % kv:
             out.append(("n_kv_heads", f"must divide n_heads={self.n_heads}"))
         hd = self.head_dim or (d_model // self.n_heads if d_model % self.n_heads == 0 else 2)
-        if self.rope and hd % 2:
+        if self.rope and hd % 2 and self.rotary_dim is None:
             out.append(("head_dim" if self.head_dim else "n_heads", f"rope needs an even head dim, got {hd}"))
+        if self.rotary_dim is not None and (self.rotary_dim % 2 or self.rotary_dim > hd):
+            out.append(("rotary_dim", f"must be even and <= the head dim {hd}, got {self.rotary_dim}"))
         return out
 
 
@@ -49,7 +54,8 @@ class Attention(Block):
         self.window = cfg.window
         self.qkv_proj = nn.Linear(d_model, (self.n_heads + 2 * self.n_kv) * self.hd, bias=cfg.bias)
         self.out_proj = nn.Linear(self.n_heads * self.hd, d_model, bias=cfg.bias)
-        self.rope = RotaryCache(self.hd, cfg.rope_theta) if cfg.rope else None
+        self.rot = cfg.rotary_dim or self.hd  # rotated channels of each head (the first ones)
+        self.rope = RotaryCache(self.rot, cfg.rope_theta) if cfg.rope else None
         self.init_weights()
 
     def _qkv(self, x: torch.Tensor, offset: int):
@@ -57,8 +63,10 @@ class Attention(Block):
         H, Hkv = self.n_heads, self.n_kv
         qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, self.hd)
         qk, v = qkv[:, :, :H + Hkv], qkv[:, :, H + Hkv:]
-        if self.rope is not None:
+        if self.rope is not None and self.rot == self.hd:
             qk = self.rope.apply(qk, offset)  # q and k heads rotated in one op
+        elif self.rope is not None:  # partial rotary: the first self.rot channels of each head
+            qk = torch.cat([self.rope.apply(qk[..., :self.rot], offset), qk[..., self.rot:]], -1)
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
         return q, k, v.transpose(1, 2)  # (B, H*, T, hd)
 

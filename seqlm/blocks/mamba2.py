@@ -8,7 +8,7 @@ out_proj. State: {"conv": (B, conv_dim, d_conv-1), "ssm": (B, H, P, N)}.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,11 @@ class Mamba2Config(BlockConfig):
     conv_bias: bool = Field(True, description="Bias in the causal convolution.")
     bias: bool = Field(False, description="Bias in in_proj and out_proj.")
     norm_eps: float = Field(1e-5, gt=0, description="Epsilon of the gated RMSNorm.")
+    dt_floor: float = Field(
+        0.0, ge=0, description="Clamp dt = softplus(dt + dt_bias) from below (mamba-ssm's dt_limit[0]; "
+        "Nemotron-H uses time_step_min); 0: no clamp.")
+    dt_ceil: Optional[float] = Field(
+        None, gt=0, description="Clamp dt from above (mamba-ssm's dt_limit[1]); null: no clamp.")
 
     @model_validator(mode="after")
     def _ranges(self) -> "Mamba2Config":
@@ -103,6 +108,8 @@ class Mamba2(Block):
     def _ssm_inputs(self, xBC, dt):
         x, B, C = xBC.split([self.d_inner, self.G * self.N, self.G * self.N], dim=-1)
         dt = F.softplus(dt + self.dt_bias)
+        if self.cfg.dt_floor > 0 or self.cfg.dt_ceil is not None:
+            dt = dt.clamp(self.cfg.dt_floor, self.cfg.dt_ceil)
         return x, B, C, dt, -torch.exp(self.A_log)
 
     def _out(self, y, z):

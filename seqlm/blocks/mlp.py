@@ -1,4 +1,4 @@
-"""Position-wise MLP: GELU (two matrices) or SwiGLU (three). Pattern char ``-``."""
+"""Position-wise MLP: GELU / tanh-GELU / squared ReLU (two matrices) or SwiGLU (three). Pattern char ``-``."""
 from __future__ import annotations
 
 from typing import Literal, Optional
@@ -13,9 +13,12 @@ from seqlm.registry import register
 
 class MLPConfig(BlockConfig):
     type: Literal["mlp"] = "mlp"
-    kind: Literal["gelu", "swiglu"] = Field("gelu", description="Activation form.")
+    kind: Literal["gelu", "gelu_tanh", "relu2", "swiglu"] = Field(
+        "gelu", description="Activation form: `gelu` (exact erf), `gelu_tanh` (tanh approximation, GPT-2's "
+        "gelu_new), `relu2` (squared ReLU, Primer / Nemotron-H), `swiglu` (SiLU-gated, three matrices).")
     hidden: Optional[int] = Field(
-        None, gt=0, description="Hidden width; null = 4*d_model (gelu) or 8/3*d_model rounded up to 64 (swiglu)."
+        None, gt=0, description="Hidden width; null = 4*d_model (two-matrix kinds) or 8/3*d_model rounded up to 64 "
+        "(swiglu)."
     )
     bias: bool = Field(False, description="Bias in the linear layers.")
 
@@ -28,7 +31,7 @@ class MLP(Block):
         super().__init__(cfg, d_model)
         if cfg.hidden:
             h = cfg.hidden
-        elif cfg.kind == "gelu":
+        elif cfg.kind != "swiglu":
             h = 4 * d_model
         else:
             h = ((8 * d_model // 3) + 63) // 64 * 64
@@ -39,8 +42,12 @@ class MLP(Block):
         self.init_weights()
 
     def forward(self, x, state=None, seq_idx=None):
-        if self.gate_proj is None:
+        if self.kind == "gelu":
             h = F.gelu(self.up_proj(x))
+        elif self.kind == "gelu_tanh":
+            h = F.gelu(self.up_proj(x), approximate="tanh")
+        elif self.kind == "relu2":
+            h = F.relu(self.up_proj(x)).square()
         else:
             h = F.silu(self.gate_proj(x)) * self.up_proj(x)
         return self.out_proj(h), state

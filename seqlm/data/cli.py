@@ -24,6 +24,10 @@ def resolve_tokenizer(spec: str):
     if spec == "byte":
         return ByteTokenizer()
     p = resolve_path(spec)
+    if p.is_dir() and not (p / "tokenizer.json").exists() and not (p / "tokenizer").exists():
+        from seqlm.io.checkpoint import find_checkpoint  # a checkpoint root: its latest step
+
+        p = find_checkpoint(p) or p
     if p.is_dir() and not (p / "tokenizer.json").exists() and (p / "tokenizer" / "tokenizer.json").exists():
         p = p / "tokenizer"
     if not p.exists():

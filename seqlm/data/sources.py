@@ -1,21 +1,27 @@
-"""Text sources: expand file globs and read documents from local ``.txt``, ``.jsonl`` and
-``.parquet`` files.
+"""Text sources: expand file globs and directories into data files, read their documents.
 
-A ``.txt`` file is one document; a ``.jsonl`` / ``.parquet`` file holds one document per
-record, in the field ``text_field``. jsonl and parquet go through Hugging Face ``datasets``
-with local paths only (offline; the Arrow cache lives in a temp dir that is removed after
-reading, so an edited file is never served from a stale Arrow cache). Every error names the
-file (and the record or field where there is one).
+Data files: ``.txt`` (UTF-8 text), ``.jsonl`` (one JSON object per line), ``.parquet`` and
+``.arrow`` (Arrow IPC file or stream format) with the text in the field ``text_field``. A
+directory stands for its data files: a Hugging Face dataset saved with ``save_to_disk`` (its
+``state.json`` lists the Arrow shards; a ``DatasetDict`` directory means its ``train`` split),
+or any directory of data files (all of them, recursively, sorted). Arrow and parquet are read
+in place (memory-mapped / streamed by record batch), never copied into an Arrow cache.
+
+Documents: a ``.txt`` file is one document, a jsonl / parquet / arrow record is one document;
+with a ``separator`` (``data.doc_separator``) each of those is split further after every
+occurrence of the separator (left to right, not overlapping; the separator stays at the end of
+the document it ends; documents of only whitespace are dropped). E.g. ``"\\n\\n"``: blank-line
+paragraphs. Every error names the file (and the record where there is one).
 """
 from __future__ import annotations
 
 import glob
+import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
-SUPPORTED = (".txt", ".jsonl", ".parquet")
+SUPPORTED = (".txt", ".jsonl", ".parquet", ".arrow")
 # the project root (holds data/ and tokenizers/): relative paths that do not exist from the
 # current directory are looked up here too, so `seqlm train` works from any directory
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -32,28 +38,29 @@ def resolve_path(path: PathLike) -> Path:
 
 
 def expand_files(patterns: Sequence[PathLike], field: str = "data.files") -> list[Path]:
-    """Expand globs (``**`` allowed), keep the listed order, drop duplicates; check each file
-    exists and has a supported extension."""
+    """Expand globs (``**`` allowed) and directories, keep the listed order, drop duplicates;
+    check each file exists and has a supported extension."""
     if isinstance(patterns, (str, os.PathLike)):
         patterns = [patterns]
     out: list[Path] = []
     for pat in patterns:
         pat = str(pat)
         if glob.has_magic(pat):
-            hits = [h for h in glob.glob(pat, recursive=True) if os.path.isfile(h)]
+            hits = sorted(glob.glob(pat, recursive=True))
             if not hits and not Path(pat).is_absolute():
-                hits = [h for h in glob.glob(str(PROJECT_ROOT / pat), recursive=True) if os.path.isfile(h)]
-            hits.sort()
-            if not hits:
+                hits = sorted(glob.glob(str(PROJECT_ROOT / pat), recursive=True))
+            paths = []
+            for h in hits:
+                paths += [Path(h)] if os.path.isfile(h) else expand_dir(Path(h), field) if os.path.isdir(h) else []
+            if not paths:
                 raise FileNotFoundError(f"{field}: pattern {pat!r} matches no file")
-            paths = [Path(h) for h in hits]
         else:
             p = resolve_path(pat)
             if not p.exists():
                 raise FileNotFoundError(f"{field}: file {pat!r} not found")
-            if not p.is_file():
+            paths = expand_dir(p, field) if p.is_dir() else [p]
+            if not p.is_dir() and not p.is_file():
                 raise ValueError(f"{field}: {pat!r} is not a file")
-            paths = [p]
         for p in paths:
             if p.suffix.lower() not in SUPPORTED:
                 raise ValueError(f"{field}: file {str(p)!r} has unsupported extension "
@@ -64,86 +71,58 @@ def expand_files(patterns: Sequence[PathLike], field: str = "data.files") -> lis
     return out
 
 
-def iter_documents(path: PathLike, text_field: str = "text") -> Iterator[str]:
+def expand_dir(d: Path, field: str = "data.files") -> list[Path]:
+    """The data files a directory stands for (see the module doc)."""
+    if (d / "dataset_dict.json").is_file():  # a DatasetDict: its train split
+        try:
+            splits = json.loads((d / "dataset_dict.json").read_text())["splits"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{field}: {str(d)!r}: unreadable dataset_dict.json ({e})") from None
+        if "train" not in splits:
+            raise ValueError(f"{field}: {str(d)!r} is a DatasetDict without a train split (splits: "
+                             f"{splits}); give the split's directory, e.g. {str(d / splits[0])!r}")
+        d = d / "train"
+    if (d / "state.json").is_file():  # Dataset.save_to_disk: the shards state.json lists
+        try:
+            names = [f["filename"] for f in json.loads((d / "state.json").read_text())["_data_files"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{field}: {str(d)!r}: unreadable state.json of a saved dataset ({e})") from None
+        missing = [n for n in names if not (d / n).is_file()]
+        if missing or not names:
+            raise FileNotFoundError(f"{field}: saved dataset {str(d)!r} lacks its shard(s) {missing or names}")
+        return [d / n for n in names]
+    files = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED
+                   and not any(part.startswith(".") for part in p.relative_to(d).parts))
+    if not files:
+        raise FileNotFoundError(f"{field}: directory {str(d)!r} holds no data file ({', '.join(SUPPORTED)})")
+    return files
+
+
+def iter_texts(path: PathLike, text_field: str = "text") -> Iterator[str]:
+    """All the text of one file in pieces of bounded size (for fitting a char vocabulary)."""
+    from seqlm.data.readers import plan_chunks, read_chunk
+
+    for chunk in plan_chunks(Path(path), text_field, None, "utf8"):
+        for text, _, _ in read_chunk(chunk, text_field, None):
+            yield text
+
+
+def iter_documents(path: PathLike, text_field: str = "text", separator: Optional[str] = None) -> Iterator[str]:
     """Yield the documents of one file (see the module doc); errors name the file."""
+    from seqlm.data.readers import plan_chunks, read_chunk
+
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"data file {str(p)!r} not found")
-    if p.stat().st_size == 0:
-        raise ValueError(f"data file {str(p)!r} is empty")
-    ext = p.suffix.lower()
-    if ext == ".txt":
-        yield _read_txt(p)
-    elif ext in (".jsonl", ".parquet"):
-        yield from _iter_records(p, text_field)
-    else:
-        raise ValueError(f"data file {str(p)!r}: unsupported extension {ext or '(none)'!r}; "
-                         f"supported: {', '.join(SUPPORTED)}")
-
-
-def _read_txt(p: Path) -> str:
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"data file {str(p)!r}: not valid UTF-8 at byte {e.start}") from None
-    if not text.strip():
-        raise ValueError(f"data file {str(p)!r} is empty (only whitespace)")
-    return text
-
-
-def _hf_offline() -> None:
-    # local files only: nothing may be fetched from the hub (must precede `import datasets`)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-
-def _iter_records(p: Path, field: str) -> Iterator[str]:
-    _hf_offline()
-    import datasets
-
-    kind = "json" if p.suffix.lower() == ".jsonl" else "parquet"
-    what = "JSON lines" if kind == "json" else "parquet"
-    progress = datasets.utils.logging.is_progress_bar_enabled()
-    verbosity = datasets.logging.get_verbosity()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # our error names the file instead
-    try:
-        with tempfile.TemporaryDirectory(prefix="seqlm-hf-") as tmp:
-            try:
-                ds = datasets.load_dataset(kind, data_files=str(p), split="train", cache_dir=tmp)
-            except Exception as e:  # DatasetGenerationError, ArrowInvalid, StopIteration, ...
-                cause = e.__cause__ or e
-                raise ValueError(f"data file {str(p)!r}: cannot be read as {what}: "
-                                 f"{type(cause).__name__}: {cause}") from None
-            if ds.num_rows == 0:
-                raise ValueError(f"data file {str(p)!r} is empty (no records)")
-            if field not in ds.column_names:
-                raise ValueError(f"data file {str(p)!r}: no record has the field {field!r} "
-                                 f"(data.text_field); fields present: {ds.column_names}")
-            yield from _column_texts(ds, field, p)
-            del ds
-    finally:
-        datasets.logging.set_verbosity(verbosity)
-        if progress:
-            datasets.enable_progress_bars()
-
-
-def _column_texts(ds, field: str, p: Path) -> Iterator[str]:
-    feature = ds.features[field]
-    is_str = getattr(feature, "dtype", None) in ("string", "large_string")
-    row = 0
-    if is_str:  # fast path: the Arrow column chunk by chunk
-        chunks = ((c.to_pylist()) for c in ds.data.column(field).chunks)
-    else:  # mixed/other types: decoded python values in batches
-        chunks = (b[field] for b in ds.select_columns([field]).iter(batch_size=1024))
-    for values in chunks:
-        for v in values:
-            if v is None:
-                raise ValueError(f"data file {str(p)!r}: record {row + 1} has no field "
-                                 f"{field!r} (data.text_field)")
-            if not isinstance(v, str):
-                raise ValueError(f"data file {str(p)!r}: record {row + 1} field {field!r} is "
-                                 f"{type(v).__name__}, expected a string")
-            yield v
-            row += 1
+    parts: list[str] = []
+    for chunk in plan_chunks(p, text_field, separator, None):
+        for text, starts, ends in read_chunk(chunk, text_field, separator):
+            if starts and parts:
+                yield "".join(parts)
+                parts = []
+            parts.append(text)
+            if ends:
+                yield "".join(parts)
+                parts = []
+    if parts:
+        yield "".join(parts)

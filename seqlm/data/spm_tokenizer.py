@@ -17,6 +17,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     type = "sentencepiece"
     MODEL_FILE = "sentencepiece.model"
+    num_threads = None  # threads of encode_batch; None: one per CPU core
 
     def __init__(self, model_proto: bytes, source: str = "<bytes>"):
         import sentencepiece as spm
@@ -32,6 +33,13 @@ class SentencePieceTokenizer(Tokenizer):
                              f"retrain it with `seqlm tokenizer train`")
         probe = ["ab cd\n", "  ef\n", "\n", "gh i"]  # see Tokenizer.split_safe
         self.split_safe = self.sp.encode("".join(probe)) == sum(self.sp.encode(probe), [])
+
+    def __getstate__(self) -> dict:  # for tokenizer worker processes: the model bytes, not the C++ object
+        return {"model_proto": self.model_proto, "source": self.source, "num_threads": self.num_threads}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model_proto"], state["source"])
+        self.num_threads = state["num_threads"]
 
     @classmethod
     def from_file(cls, path, field: str = "path") -> "SentencePieceTokenizer":
@@ -52,7 +60,7 @@ class SentencePieceTokenizer(Tokenizer):
         return np.asarray(self.sp.encode(text), dtype=np.int64)
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        out = self.sp.encode(list(texts), num_threads=os.cpu_count() or 1)
+        out = self.sp.encode(list(texts), num_threads=self.num_threads or os.cpu_count() or 1)
         return [np.asarray(ids, dtype=np.int64) for ids in out]
 
     def decode(self, ids) -> str:

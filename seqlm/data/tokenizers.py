@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from seqlm.data.sources import expand_files, iter_documents
+from seqlm.data.sources import expand_files, iter_texts
 from seqlm.data.spm_tokenizer import SentencePieceTokenizer, train_sentencepiece
 from seqlm.data.tokenizer_base import FORMAT_VERSION, Tokenizer, _as_array, public_mode
 
@@ -140,24 +140,40 @@ def load_tokenizer(directory) -> Tokenizer:
     elif kind == "sentencepiece":
         tok = SentencePieceTokenizer.from_file(d / spec.get("model_file", SentencePieceTokenizer.MODEL_FILE),
                                                field=f"tokenizer {str(d)!r}")
+    elif kind == "hf":
+        from seqlm.data.hf_tokenizer import HFTokenizer
+
+        tok = HFTokenizer.from_spec(d, spec)
     else:
-        raise ValueError(f"tokenizer {str(spec_path)!r}: unknown type {kind!r}; known: char, byte, sentencepiece")
+        raise ValueError(f"tokenizer {str(spec_path)!r}: unknown type {kind!r}; known: char, byte, sentencepiece, hf")
     fp = spec.get("fingerprint")
     if fp is not None and fp != tok.fingerprint():
         raise ValueError(f"tokenizer {str(d)!r}: files do not match the fingerprint in tokenizer.json (corrupted?)")
     return tok
 
 
-def build_tokenizer(cfg, files: Sequence[str], text_field: str = "text") -> Tokenizer:
-    """The tokenizer a ``TokenizerConfig`` describes: char fits on the documents of ``files``
-    (field ``text_field`` of jsonl/parquet records); sentencepiece loads ``cfg.path``."""
+def build_tokenizer(cfg, files: Sequence[str] = (), text_field: str = "text", data=None) -> Tokenizer:
+    """The tokenizer a ``TokenizerConfig`` describes: char fits on the text of ``files`` (field
+    ``text_field`` of records), or of every source of ``data`` (a DataConfig) when given;
+    sentencepiece loads ``cfg.path``."""
     if cfg.type == "char":
-        paths = expand_files(files)
-        return CharTokenizer.fit(doc for p in paths for doc in iter_documents(p, text_field))
+        if data is not None:
+            from seqlm.data.dataset import source_specs
+
+            groups = [(expand_files(s["files"], field=s["field"]), s["text_field"]) for s in source_specs(data)]
+        else:
+            groups = [(expand_files(files), text_field)]
+        return CharTokenizer.fit(t for paths, tf in groups for p in paths for t in iter_texts(p, tf))
     if cfg.type == "byte":
         return ByteTokenizer()
     if cfg.type == "sentencepiece":
         if not cfg.path:
             raise ValueError("data.tokenizer.path: required when type is sentencepiece")
         return SentencePieceTokenizer.from_file(cfg.path, field="data.tokenizer.path")
+    if cfg.type == "hf":
+        from seqlm.data.hf_tokenizer import load_hf_tokenizer
+
+        if not cfg.path:
+            raise ValueError("data.tokenizer.path: required when type is hf")
+        return load_hf_tokenizer(cfg.path)
     raise ValueError(f"data.tokenizer.type: unknown tokenizer type {cfg.type!r}")

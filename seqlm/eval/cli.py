@@ -46,7 +46,7 @@ def _device(name: str):
 def run_ppl(args) -> int:
     from seqlm.data.sources import expand_files, iter_documents
     from seqlm.eval.perplexity import evaluate_perplexity, plot_curves
-    from seqlm.io.checkpoint import load_model
+    from seqlm.io.pretrained import load_any as load_model
 
     contexts = parse_contexts(args.context)
     if args.stride is not None and args.stride < 1:
@@ -83,7 +83,7 @@ def run_ppl(args) -> int:
 def run_generate(args) -> int:
     import torch
 
-    from seqlm.io.checkpoint import load_model
+    from seqlm.io.pretrained import load_any as load_model
 
     if (args.prompt is None) == (args.prompt_file is None):
         raise ValueError("give exactly one of --prompt or --prompt-file")

@@ -38,7 +38,7 @@ class SeqLMEval(TemplateLM):
                  max_length: Optional[int] = None, max_gen_toks: int = 256, **_ignored):
         super().__init__()
         from seqlm.eval.perplexity import is_unbounded
-        from seqlm.io.checkpoint import load_model
+        from seqlm.io.pretrained import load_any as load_model
 
         device = str(device or "auto")
         if device.startswith("cuda") and not torch.cuda.is_available():

@@ -2,13 +2,25 @@
 
 Single process (CPU or one GPU). Deterministic on CPU: a run resumed from a checkpoint
 continues with exactly the losses and weights of an uninterrupted run, because the
-checkpoint holds model, optimizer, step, global RNG and data-sampler generator states and
-the LR schedule is a pure function of the step.
+checkpoint holds model, optimizer, step, global RNG and data-sampler generator states, all
+taken at a step boundary (before the step draws its batches), and the LR schedule is a pure
+function of the step.
+
+Checkpoints go to ``<out_dir>/checkpoint/step-N`` (seqlm/io/checkpoint.py: crash-safe, the
+newest ``train.keep_last`` kept). SIGINT (Ctrl-C) and SIGTERM (schedulers, spot instances)
+only set a flag: the loop writes a checkpoint at the next step boundary and returns
+(a second Ctrl-C stops at once, without one). ``resume=True`` continues from the newest
+checkpoint of out_dir, or starts fresh when there is none yet, so one command both starts
+and restarts a preemptible job. A step whose loss or gradient is not finite is skipped (no
+update; counted as ``bad_steps``); more than ``train.max_bad_steps`` in a row stop the run
+with a checkpoint of the state before the first of them.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -19,8 +31,8 @@ from tqdm.auto import tqdm
 from seqlm.config import RunConfig
 from seqlm.io import build_model
 from seqlm.io import maybe_init_from
-from seqlm.io.checkpoint import (CheckpointError, load_trainer_state, load_weights, read_meta,
-                                 save_checkpoint)
+from seqlm.io.checkpoint import (CheckpointError, clean_stale, find_checkpoint, load_trainer_state,
+                                 load_weights, read_meta, save_checkpoint)
 from seqlm.train.metrics import MetricsLog, plot_losses
 from seqlm.train.optim import make_optimizer
 from seqlm.train.schedule import lr_at
@@ -78,29 +90,85 @@ def _prepare(cfg: RunConfig, resume):
 
     ckpt = None
     if resume:
-        ckpt = Path(cfg.train.out_dir) / "checkpoint" if resume is True else Path(resume)
-        if not (ckpt / "model.safetensors").exists():
-            raise CheckpointError(f"--resume: no checkpoint at {str(ckpt)!r}")
-        tok = load_tokenizer(ckpt / "tokenizer")
+        where = Path(cfg.train.out_dir) / "checkpoint" if resume is True else Path(resume)
+        ckpt = find_checkpoint(where)
+        if ckpt is None and resume is not True:
+            raise CheckpointError(f"--resume: no checkpoint at {str(where)!r}")
+        if ckpt is None:
+            print(f"--resume: no checkpoint in {str(where)!r} yet; starting a fresh run")
+    if ckpt is not None:
+        tok = _load_tok(ckpt, "--resume")
     elif cfg.train.init_from:
-        src = Path(cfg.train.init_from)  # fine-tuning: the checkpoint's tokenizer, ids unchanged
-        if not (src / "tokenizer").exists() or not (src / "model.safetensors").exists():
-            raise CheckpointError(f"train.init_from: no checkpoint at {str(src)!r}")
-        tok = load_tokenizer(src / "tokenizer")
+        src = find_checkpoint(cfg.train.init_from)  # fine-tuning: the checkpoint's tokenizer, ids unchanged
+        if src is None or not (src / "tokenizer").exists():
+            raise CheckpointError(f"train.init_from: no checkpoint at {str(cfg.train.init_from)!r}")
+        tok = _load_tok(src, "train.init_from")
     elif getattr(cfg, "memory", None) is not None and cfg.memory.init_from:
-        src = Path(cfg.memory.init_from)  # HMT stage 2: keep the stage-1 checkpoint's tokenizer
-        if not (src / "tokenizer").exists():
-            raise CheckpointError(f"memory.init_from: no checkpoint at {str(src)!r} (tokenizer/ missing)")
-        tok = load_tokenizer(src / "tokenizer")
+        src = find_checkpoint(cfg.memory.init_from)  # HMT stage 2: keep the stage-1 checkpoint's tokenizer
+        if src is None or not (src / "tokenizer").exists():
+            raise CheckpointError(f"memory.init_from: no checkpoint at {str(cfg.memory.init_from)!r} "
+                                  f"(tokenizer/ missing)")
+        tok = _load_tok(src, "memory.init_from")
     else:
-        tok = build_tokenizer(cfg.data.tokenizer, cfg.data.files, text_field=cfg.data.text_field)
+        tok = build_tokenizer(cfg.data.tokenizer, data=cfg.data)
     return tok, load_data(cfg.data, tok, seq_len=cfg.train.seq_len), ckpt
 
 
+def _load_tok(ckpt: Path, what: str):
+    from seqlm.data.tokenizers import load_tokenizer
+
+    try:
+        return load_tokenizer(ckpt / "tokenizer")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{what}: checkpoint {str(ckpt)!r}: tokenizer/: {e}") from None
+
+
+class NonFiniteLossError(ValueError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class _StopSignals:
+    """SIGINT / SIGTERM set ``received`` (checkpoint at the next step boundary) instead of
+    killing the loop; a second SIGINT raises KeyboardInterrupt at once. Main thread only."""
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self._old: dict = {}
+
+    def _handler(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received == "SIGINT" and name == "SIGINT":
+            raise KeyboardInterrupt
+        self.received = self.received or name
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
+def _rng_state(gen: torch.Generator) -> dict:
+    return {"data": gen.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
 def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
-    """Train per ``cfg``; ``resume`` = True (out_dir/checkpoint) or a checkpoint path;
-    ``stop_at`` ends the run after that step with a checkpoint (for interrupted runs).
-    Returns final metrics: val_loss, val_ppl, tokens_per_s, wall_s, sample, checkpoint."""
+    """Train per ``cfg``; ``resume`` = True (the newest checkpoint of out_dir, or a fresh start
+    when there is none) or a checkpoint path; ``stop_at`` ends the run after that step with a
+    checkpoint (for interrupted runs). Returns final metrics: val_loss, val_ppl, tokens_per_s,
+    wall_s, sample, checkpoint (the step directory written last). A run stopped by SIGINT /
+    SIGTERM returns ``stopped: True`` and ``signal``."""
+    with _StopSignals() as sig:
+        return _train(cfg, resume, stop_at, sig)
+
+
+def _train(cfg: RunConfig, resume, stop_at: Optional[int], sig: _StopSignals) -> dict:
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -115,18 +183,25 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
     model.set_activation_checkpointing(tc.activation_checkpointing, tc.activation_checkpoint_k)
     opt = make_optimizer(model, tc)
     gen = torch.Generator().manual_seed(tc.seed)
-    step = 0
+    step, bad_total, bad_run = 0, 0, 0
+    root = out / "checkpoint"
     if ckpt is not None:
         st = load_trainer_state(ckpt)
         if st is None:
-            raise CheckpointError(f"--resume: {str(ckpt)!r} has no trainer.pt (a model-only checkpoint)")
+            raise CheckpointError(f"--resume: {str(ckpt)!r} has no trainer state (a model-only checkpoint); "
+                                  f"start a new run from its weights with train.init_from")
         load_weights(model, ckpt)
-        opt.load_state_dict(st["optimizer"])
-        gen.set_state(st["data_generator"])
-        torch.set_rng_state(st["torch_rng"])
-        if torch.cuda.is_available() and st.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(st["cuda_rng"])
-        step = st["step"]
+        try:
+            opt.load_state_dict(st["optimizer"])
+            gen.set_state(st["rng"]["data"])
+            torch.set_rng_state(st["rng"]["torch"])
+            if torch.cuda.is_available() and st["rng"].get("cuda"):
+                torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+            step, bad_total = int(st["step"]), int(st.get("bad_steps", 0))
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise CheckpointError(f"--resume: checkpoint {str(ckpt)!r}: the trainer state does not fit this "
+                                  f"run ({type(e).__name__}: {e})") from None
+        print(f"resuming from {ckpt} at step {step}")
     elif tc.init_from:  # fresh run from trained weights (fine-tuning, converted checkpoints)
         load_weights(model, tc.init_from)
         print(f"initialised from {tc.init_from}")
@@ -140,11 +215,16 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
     log = MetricsLog(out, truncate_after=step if ckpt is not None else None)
     fwd = torch.compile(model) if tc.compile else model
 
-    def checkpoint(path, **meta):
-        state = {"optimizer": opt.state_dict(), "data_generator": gen.get_state(),
-                 "torch_rng": torch.get_rng_state(), "step": step,
-                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        return save_checkpoint(path, model, cfg, tok, state, {"step": step, **meta})
+    saved = {"step": None, "path": None}
+
+    def checkpoint(at_step=None, rng=None, bad=None, **meta):
+        """Save the state at a step boundary (default: now, which must be one)."""
+        at_step = step if at_step is None else at_step
+        state = {"step": at_step, "optimizer": opt.state_dict(), "rng": rng or _rng_state(gen),
+                 "bad_steps": bad_total if bad is None else bad}
+        path = save_checkpoint(root, model, cfg, tok, state, meta, step=at_step, keep_last=tc.keep_last)
+        saved.update(step=at_step, path=path)
+        return path
 
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
     end = min(tc.max_steps, stop_at) if stop_at is not None else tc.max_steps
@@ -153,8 +233,12 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
     model.train()
     t0, t_win, step0, tok_win = time.perf_counter(), time.perf_counter(), step, 0
     loss_val, val_loss = float("nan"), None
+    bad_from = None  # (step, rng state, bad_total) at the boundary before the current bad run
     try:
         while step < end:
+            if sig.received:
+                break
+            boundary = _rng_state(gen) if bad_run == 0 else None  # before this step draws anything
             lr = lr_at(step, tc)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -166,10 +250,26 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
                 (loss / tc.grad_accum).backward()
                 loss_sum += loss.item()
             loss_val = loss_sum / tc.grad_accum
-            if not math.isfinite(loss_val):
-                raise FloatingPointError(f"loss became {loss_val} at step {step}; lower train.lr or check the data")
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
-            opt.step()
+            gnorm = _grad_norm(model, tc.grad_clip) if math.isfinite(loss_val) else float("nan")
+            if math.isfinite(loss_val) and math.isfinite(gnorm):
+                opt.step()
+                bad_run, bad_from = 0, None
+            else:  # skip the update; stop after too many in a row
+                if bad_run == 0:
+                    bad_from = (step, boundary, bad_total)
+                bad_run, bad_total = bad_run + 1, bad_total + 1
+                log.log("skip", step + 1, loss=loss_val, grad_norm=gnorm, bad_steps=bad_total)
+                bar.write(f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss_val) else 'gradient'} "
+                          f"({loss_val}); step skipped ({bad_run} in a row, {bad_total} in all)")
+                if bad_run > tc.max_bad_steps:
+                    opt.zero_grad(set_to_none=True)
+                    first, rng, bad = bad_from
+                    path = checkpoint(first, rng, bad, stopped="non-finite loss")
+                    raise NonFiniteLossError(
+                        f"train.max_bad_steps: {bad_run} consecutive steps ({first + 1}..{step + 1}) had a "
+                        f"non-finite loss or gradient; stopped. The checkpoint {path} holds the state before "
+                        f"them: lower train.lr (or raise train.grad_clip / check the data) and continue with "
+                        f"--resume train.lr=...")
             opt.zero_grad(set_to_none=True)
             step += 1
             tok_win += tokens_per_step
@@ -179,31 +279,41 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
                 tps = tok_win / max(now - t_win, 1e-9)
                 t_win, tok_win = now, 0
                 log.log("train", step, loss=loss_val, lr=lr, tokens_per_s=tps,
-                        grad_norm=float(gnorm) if gnorm is not None else None)
+                        grad_norm=gnorm if tc.grad_clip > 0 else None, bad_steps=bad_total)
                 bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
             if cfg.eval.every and step % cfg.eval.every == 0 and step < tc.max_steps:
                 val_loss = estimate_loss(model, data, cfg, device, amp)
                 log.log("eval", step, val_loss=val_loss, val_ppl=math.exp(val_loss))
                 bar.write(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f})")
-            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < end:
-                checkpoint(out / "checkpoint")
-    except KeyboardInterrupt:
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < end and bad_run == 0:
+                checkpoint()
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, without a checkpoint
         bar.close()
-        path = checkpoint(out / "checkpoint", interrupted=True)
         log.close()
-        print(f"\ninterrupted at step {step}; checkpoint written to {path} (continue with --resume)")
+        last = find_checkpoint(root)
+        print(f"\ninterrupted twice at step {step}: stopped without a checkpoint"
+              + (f"; the last one is {last} (continue with --resume)" if last else ""))
+        raise
+    except BaseException:
+        bar.close()
+        log.close()
         raise
     bar.close()
     wall = time.perf_counter() - t0
     trained_tps = (step - step0) * tokens_per_step / max(wall, 1e-9)
-    if step < tc.max_steps:  # stopped early on purpose: checkpoint and return
-        path = checkpoint(out / "checkpoint")
+    if step < tc.max_steps:  # stopped early (stop_at or a signal): checkpoint and return
+        path = saved["path"] if saved["step"] == step else checkpoint(
+            **({"interrupted": sig.received} if sig.received else {}))
         log.close()
+        if sig.received:
+            print(f"\n{sig.received}: stopped at step {step}; checkpoint written to {path} "
+                  f"(continue with --resume)")
         return {"step": step, "train_loss": loss_val, "checkpoint": str(path), "stopped": True,
-                "wall_s": wall, "tokens_per_s": trained_tps, "n_params": n_params}
+                "signal": sig.received, "wall_s": wall, "tokens_per_s": trained_tps, "n_params": n_params,
+                "bad_steps": bad_total}
     val_loss = estimate_loss(model, data, cfg, device, amp)
     log.log("eval", step, val_loss=val_loss, val_ppl=math.exp(val_loss))
-    path = checkpoint(out / "checkpoint", val_loss=val_loss)
+    path = checkpoint(val_loss=val_loss)
     log.close()
     plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{n_params / 1e6:.2f}M params")
     sample = ""
@@ -215,7 +325,15 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
         sample = tok.decode(ids.tolist())
     return {"step": step, "train_loss": loss_val, "val_loss": val_loss, "val_ppl": math.exp(val_loss),
             "tokens_per_s": trained_tps, "wall_s": wall, "n_params": n_params, "sample": sample,
-            "checkpoint": str(path), "meta": read_meta(path)}
+            "checkpoint": str(path), "meta": read_meta(path), "bad_steps": bad_total}
+
+
+def _grad_norm(model, clip: float) -> float:
+    """Global gradient norm (clipping to ``clip`` when > 0); nan/inf when a gradient is."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if clip > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, clip))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
 
 
 def _unpack(batch):

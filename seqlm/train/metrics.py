@@ -2,8 +2,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
+
+
+def _step(line: str) -> float:
+    try:
+        rec = json.loads(line)
+        return rec.get("step", 0) if isinstance(rec, dict) else float("inf")
+    except ValueError:
+        return float("inf")
 
 
 class MetricsLog:
@@ -16,9 +25,11 @@ class MetricsLog:
         self.path = self.dir / "metrics.jsonl"
         if truncate_after is not None and self.path.exists():
             # resuming: drop records past the checkpoint's step so the log reads as one run
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= truncate_after]
-            self.path.write_text("".join(k + "\n" for k in keep))
+            # (a line torn by a crash mid-write is dropped; the file is replaced atomically)
+            keep = [ln for ln in self.path.read_text(errors="replace").splitlines() if _step(ln) <= truncate_after]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(k + "\n" for k in keep))
+            os.replace(tmp, self.path)
         elif truncate_after is None and self.path.exists():
             self.path.unlink()
         self._fh = open(self.path, "a")

@@ -30,7 +30,7 @@ def _floats(text: str, field: str) -> list[float]:
 
 def _load(args):
     from seqlm.eval.cli import _device
-    from seqlm.io.checkpoint import load_model
+    from seqlm.io.pretrained import load_any as load_model
 
     model, cfg, tok = load_model(args.checkpoint, _device(args.device))
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
@@ -48,7 +48,7 @@ def run_mqar(args) -> int:
     from seqlm.eval.tasks.common import plot_curve, write_json
     from seqlm.eval.tasks.mqar import MQARSpec, evaluate_mqar
     from seqlm.eval.cli import _device
-    from seqlm.io.checkpoint import load_model
+    from seqlm.io.pretrained import load_any as load_model
 
     model, cfg, tok = load_model(args.checkpoint, _device(args.device))
     V = args.vocab_size or model.vocab_size
