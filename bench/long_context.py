@@ -24,6 +24,13 @@ Writes bench/results/long_context.json.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# python puts this folder first on sys.path; bench/tokenize.py would then shadow the stdlib
+# module that torch's import needs (linecache -> tokenize.open)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import json
 import math
@@ -31,9 +38,7 @@ import os
 import platform
 import resource
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

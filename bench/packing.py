@@ -20,18 +20,22 @@ Writes bench/results/packing.json.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# python puts this folder first on sys.path; bench/tokenize.py would then shadow the stdlib
+# module that torch's import needs (linecache -> tokenize.open)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 PRESETS = ["default", "hybrid", "mamba", "mamba2", "h3", "attention", "hmt_stage1"]
 
 
@@ -53,6 +57,19 @@ def boundaries(text: str) -> dict:
     return out
 
 
+def cpu_model() -> str:
+    import platform
+    import subprocess
+
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq-len", type=int, default=256)
@@ -64,7 +81,6 @@ def main():
     import torch
     import yaml
 
-    from long_context import cpu_model
     from seqlm.config import parse_config
     from seqlm.io import build_model
 
