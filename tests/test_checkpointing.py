@@ -142,3 +142,31 @@ def test_train_loop_with_checkpointing_matches_plain(tmp_path, capsys):
     assert len(plain) == 3 and plain == pytest.approx(ck, rel=1e-6, abs=1e-6)
     run("c", max_steps=1, dtype="auto")
     assert "train.dtype auto ->" in capsys.readouterr().out
+
+
+def test_train_loop_document_packing_reaches_the_model(tmp_path, monkeypatch):
+    """data.packing: document -> the loop passes each batch's seq_idx to model.loss (training
+    and validation), with checkpointing on."""
+    from seqlm.model import LM
+    from seqlm.train.loop import train
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join('{"text": "doc %d: %s"}\n' % (i, "a quick brown fox " * (1 + i % 5)) for i in range(120)))
+    seen = []
+    orig = LM.loss
+
+    def spy(self, x, y, ignore_index=-100, seq_idx=None):
+        seen.append(seq_idx)
+        return orig(self, x, y, ignore_index, seq_idx=seq_idx)
+
+    monkeypatch.setattr(LM, "loss", spy)
+    cfg = parse_config({
+        "model": {"d_model": 32, "pattern": "2*-", "block_defaults": {"attention": {"n_heads": 2}}},
+        "data": {"files": [str(docs)], "cache_dir": str(tmp_path / "cache"), "packing": "document"},
+        "train": {"seq_len": 64, "batch_size": 2, "max_steps": 2, "warmup_steps": 1, "dtype": "fp32",
+                  "activation_checkpointing": "layers", "out_dir": str(tmp_path / "run"), "progress": False},
+        "eval": {"every": 0, "batches": 1, "sample_tokens": 0}})
+    res = train(cfg)
+    assert seen and all(s is not None and s.shape == (2, 64) for s in seen)
+    assert any(int(s[:, -1].max()) > 0 for s in seen)  # windows really span documents
+    assert res["val_loss"] == res["val_loss"]
