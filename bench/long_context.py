@@ -122,6 +122,9 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-len", type=int, default=65536)
     ap.add_argument("--time-len", type=int, default=1024)
+    ap.add_argument("--sweep-log", default=None,
+                    help="take the sweep from this stderr log of an earlier run (e.g. one stopped for time)")
+    ap.add_argument("--time-rounds", type=int, default=2, help="interleaved timing rounds")
     ap.add_argument("--start-ratio", type=float, default=4.0,
                     help="checkpointed sweep starts at this multiple of the plain longest (0: at 1024)")
     ap.add_argument("--worker", nargs=4, default=None)
@@ -136,7 +139,22 @@ def main():
            "model": "configs/hybrid.yaml pattern 2-2-2-*-2-2-2-, d_model 256, mamba2 head_dim 32, vocab 65, "
                     "batch 1, fp32, AdamW", "cap_gib": a.cap_gib, "runs": {}}
     best = {}
+    logged = {}
+    if a.sweep_log:  # reuse the per-length results a previous (stopped) run printed to stderr
+        import ast
+
+        for line in Path(a.sweep_log).read_text().splitlines():
+            mode, _, rec = line.partition(" ")
+            if mode in ("none", "layers") and rec.startswith("{"):
+                logged.setdefault(mode, []).append(ast.literal_eval(rec))
+        out["sweep_from_log"] = str(a.sweep_log)
     for mode in ("none", "layers"):
+        if mode in logged:
+            out["runs"][mode] = logged[mode]
+            ok = [r["L"] for r in logged[mode] if r["ok"]]
+            if ok:
+                best[mode] = max(ok)
+            continue
         runs, k = [], 0
         if mode == "layers" and a.start_ratio and best.get("none"):
             # start the (slow) checkpointed sweep at start_ratio x the plain run's longest
@@ -159,7 +177,8 @@ def main():
         out["ratio_longest"] = best.get("layers", 0) / best["none"]
     # step time at equal context, both modes side by side (twice, interleaved), no cap
     t = {"none": [], "layers": []}
-    for _ in range(2):
+    out["step_time_rounds"] = a.time_rounds
+    for _ in range(a.time_rounds):
         for mode in t:
             r = run(mode, a.time_len, 0, a.threads, steps=2)
             t[mode].append(r.get("step_s", float("nan")))
