@@ -12,6 +12,9 @@ from seqlm.train.cli import add_train_args, run_train
 
 
 def main(argv=None) -> int:
+    from seqlm.cpualloc import apply_entry_point
+
+    apply_entry_point()  # an entry point: tune the CPU allocator (SEQLM_CPU_ALLOC=0 opts out)
     p = argparse.ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
     add_train_args(p)
     args = p.parse_args(argv)

@@ -40,6 +40,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.machine import machine_info  # noqa: E402
 
 from seqlm.config import ModelConfig  # noqa: E402
 from seqlm.model import LM  # noqa: E402
@@ -301,6 +302,7 @@ def main(argv=None) -> int:
     res["per_token_vs_context"]["growth"] = summ
 
     a.out.parent.mkdir(parents=True, exist_ok=True)
+    res["machine"] = machine_info(a.threads)
     a.out.write_text(json.dumps(res, indent=2) + "\n")
     plot(res, a.plot)
     print(json.dumps(res, indent=2))
@@ -308,4 +310,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    __import__("seqlm.cpualloc").cpualloc.apply_entry_point()  # an entry point: allocator tuning
     sys.exit(main())

@@ -49,6 +49,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.machine import machine_info  # noqa: E402
 
 D_MODEL = 256
 TOL = 1e-4
@@ -360,6 +361,7 @@ def main(argv=None) -> int:
     if a.profile:
         res["profile_seqlm_mamba2"] = profile_mamba2(a.mamba2_d_state, a.seqlm_chunk or a.chunk, L)
     a.out.parent.mkdir(parents=True, exist_ok=True)
+    res["machine"] = machine_info(a.threads)
     a.out.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))
     ok = all(r.get("match", True) for r in res["results"].values())
@@ -367,4 +369,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    __import__("seqlm.cpualloc").cpualloc.apply_entry_point()  # an entry point: allocator tuning
     sys.exit(main())

@@ -2,18 +2,24 @@
 """Issue 4 benchmark: HMT (He et al.) around a small attention backbone, on CPU.
 
 (a) Tiny Shakespeare, char-level. The same backbone (attention + MLP layers) is trained
-    twice through seqlm's own loop: a plain LM on windows of one segment (segment_len
-    tokens), and an HMT stage-1 wrapper (memory, sensory memory) on windows of
-    ``segments_per_window`` segments. Both are then scored on the validation split as ONE
-    sequence by ``seqlm.eval.perplexity`` (every token scored once): the plain LM in
-    non-overlapping windows of segment_len tokens (segment by segment, no memory), the HMT
-    model over the whole sequence in one pass (segment by segment with memory; equal segment
-    length). Peak memory vs input length: a fresh subprocess per (model, length) runs that
-    same full-sequence evaluation (chunk 1024, the streaming path) on 1x, 2x, 4x, 8x the base
-    length and reports the growth of its resident set during the evaluation: the peak RSS
-    (VmHWM, reset through /proc/self/clear_refs after loading and a warm-up) minus the RSS
-    right before it. The reference is the plain LM scoring the whole
-    input as one window (its KV cache grows with the input); HMT stays flat.
+    twice through seqlm's own loop on equal terms: the same steps, batch and window
+    (``segments_per_window`` x segment_len tokens per example), so both see the same training
+    tokens. One is a plain LM on those windows, the other the HMT stage-1 wrapper (memory,
+    sensory memory) reading them segment by segment. Both are then scored on the validation
+    split as ONE sequence by ``seqlm.eval.perplexity`` (every token scored once): HMT over the
+    whole sequence in one pass (segment by segment with memory); the plain LM (i) with a
+    sliding window of HMT's effective context, segment_len + n_sensory tokens with stride
+    segment_len, so every scored token sees between n_sensory and segment_len + n_sensory
+    tokens as in an HMT segment (the matched baseline: what is left is memory), (ii) with a
+    sliding window of its full training context (stride half of it), and (iii) in
+    non-overlapping segment_len windows (the earlier, unmatched baseline, kept for reference).
+    Each score reports the evaluation time per token. Peak memory vs input length: a fresh
+    subprocess per (model, length) runs that same full-sequence evaluation (chunk 1024, the
+    streaming path) on 1x, 2x, 4x, 8x the base length and reports the growth of its resident
+    set during the evaluation: the peak RSS (VmHWM, reset through /proc/self/clear_refs after
+    loading and a warm-up) minus the RSS right before it. Rows: HMT; the plain LM with the
+    matched sliding window; the plain LM scoring the whole input as one window (its KV cache
+    grows with the input).
 (b) Synthetic long-range recall: a sequence of ``S`` segments; segment 0 starts with a marker
     and a value token (one of K), the rest is random filler; every later segment ends with a
     query whose target is the value (1..S-1 segments back; the queries of all segments are
@@ -44,6 +50,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.machine import machine_info  # noqa: E402
 
 BACKBONE = {"d_model": 128, "pattern": "*-", "n_layers": 4, "norm": "layernorm",
             "block_defaults": {"attention": {"n_heads": 4}, "mlp": {"kind": "gelu"}}}
@@ -76,20 +84,22 @@ def val_tokens(ckpt: str):
     return [int(tok.eos_id)] + data.split("val").astype("int64").tolist()
 
 
-def score_sequence(ckpt: str, ids: list, context, chunk: int = 1024) -> dict:
+def score_sequence(ckpt: str, ids: list, context, chunk: int = 1024, stride=None) -> dict:
     from seqlm.eval.perplexity import score_documents, summarize
     from seqlm.io.checkpoint import load_model
 
     model, _, _ = load_model(ckpt)
     t0 = time.perf_counter()
-    res = score_documents(model, [ids], context, None, batch_size=1, chunk=chunk, progress=False)
+    res = score_documents(model, [ids], context, stride, batch_size=1, chunk=chunk, progress=False)
     s = summarize(res, None)
+    dt = time.perf_counter() - t0
     return {"loss": s["loss"], "ppl": s["ppl"], "bits_per_token": s["bits_per_token"], "n_tokens": s["n_tokens"],
-            "context": context, "eval_s": time.perf_counter() - t0}
+            "context": context, "stride": stride, "eval_s": dt, "eval_us_per_token": 1e6 * dt / s["n_tokens"]}
 
 
-def measure_child(ckpt: str, n: int, context) -> None:
-    """Subprocess body: score n validation tokens as one window; print RSS numbers as JSON."""
+def measure_child(ckpt: str, n: int, context, stride=None) -> None:
+    """Subprocess body: score n validation tokens (one window, or windows of ``context``);
+    print RSS numbers as JSON."""
     torch.set_num_threads(1)
     from seqlm.eval.perplexity import score_documents
     from seqlm.io.checkpoint import load_model
@@ -106,11 +116,12 @@ def measure_child(ckpt: str, n: int, context) -> None:
     except OSError:  # pragma: no cover - then the peak may include loading (reported)
         method = "ru_maxrss"
     t0 = time.perf_counter()
-    score_documents(model, [ids], context, batch_size=1, chunk=1024, progress=False)
+    score_documents(model, [ids], context, stride, batch_size=1, chunk=1024, progress=False)
     wall = time.perf_counter() - t0
     peak = _rss_kib("VmHWM") if method != "ru_maxrss" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"n": n, "rss_before_mib": before / 1024, "peak_rss_mib": peak / 1024,
-                      "delta_mib": (peak - before) / 1024, "method": method, "wall_s": wall}))
+                      "delta_mib": (peak - before) / 1024, "method": method, "wall_s": wall,
+                      "us_per_token": 1e6 * wall / n}))
 
 
 def _rss_kib(field: str) -> int:
@@ -120,8 +131,8 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def measure(ckpt: str, n: int, context=None) -> dict:
-    cmd = [sys.executable, __file__, "--measure-child", ckpt, str(n), str(context or "full")]
+def measure(ckpt: str, n: int, context=None, stride=None) -> dict:
+    cmd = [sys.executable, __file__, "--measure-child", ckpt, str(n), str(context or "full"), str(stride or 0)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -231,32 +242,33 @@ def main() -> None:
     ap.add_argument("--recall-n-memory", type=int, default=4, help="recall task: HMT n_memory")
     ap.add_argument("--recall-lr", type=float, default=1e-3)
     ap.add_argument("--out", default=str(ROOT / "runs/bench_hmt"))
-    ap.add_argument("--measure-child", nargs=3, metavar=("CKPT", "N", "CONTEXT"), help=argparse.SUPPRESS)
+    ap.add_argument("--measure-child", nargs=4, metavar=("CKPT", "N", "CONTEXT", "STRIDE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure_child:
-        ck, n, ctx = args.measure_child
-        measure_child(ck, int(n), None if ctx == "full" else int(ctx))
+        ck, n, ctx, st = args.measure_child
+        measure_child(ck, int(n), None if ctx == "full" else int(ctx), int(st) or None)
         return
     torch.set_num_threads(args.threads)
     from seqlm.config import parse_config
     from seqlm.train.loop import train
 
     quick = args.quick
-    L, spw = 64, 4  # segment length, segments per HMT training window
+    L, spw, n_sens = 64, 4, 16  # segment length, segments per training window, sensory tokens
     steps = 150 if quick else 1000
     out = Path(args.out)
-    mem_cfg = {"type": "hmt", "segment_len": L, "n_memory": 1, "n_sensory": 16, "bptt_depth": spw}
+    mem_cfg = {"type": "hmt", "segment_len": L, "n_memory": 1, "n_sensory": n_sens, "bptt_depth": spw}
     t0 = time.perf_counter()
     import contextlib
     import io
 
     runs = {}
-    for name, seq_len, mem in (("plain", L, None), ("hmt", spw * L, mem_cfg)):
+    for name, seq_len, mem in (("plain", spw * L, None), ("hmt", spw * L, mem_cfg)):  # equal tokens, steps
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             r = train(parse_config(run_cfg(out / name, seq_len, steps, mem, args.threads)))
         runs[name] = {"checkpoint": r["checkpoint"], "train_wall_s": r["wall_s"], "n_params": r["n_params"],
-                      "train_tokens_per_s": r["tokens_per_s"], "final_train_loss": r["train_loss"],
+                      "train_tokens_per_s": r["tokens_per_s"], "train_us_per_token": 1e6 / r["tokens_per_s"],
+                      "train_tokens": steps * 12 * seq_len, "seq_len": seq_len, "final_train_loss": r["train_loss"],
                       "log": buf.getvalue().strip().splitlines()[-1:]}
     from seqlm.io.checkpoint import load_model
 
@@ -268,12 +280,17 @@ def main() -> None:
     n_val_full = len(ids) - 1
     if quick:
         ids = ids[:16385]
-    ppl = {"plain_segment_windows": score_sequence(runs["plain"]["checkpoint"], ids, L),
-           "hmt_one_sequence": score_sequence(runs["hmt"]["checkpoint"], ids, None)}
+    eff = L + n_sens  # HMT's effective direct context: sensory + segment
+    ppl = {"hmt_one_sequence": score_sequence(runs["hmt"]["checkpoint"], ids, None),
+           "plain_sliding_matched": score_sequence(runs["plain"]["checkpoint"], ids, eff, stride=L),
+           "plain_sliding_train_context": score_sequence(runs["plain"]["checkpoint"], ids, spw * L, stride=spw * L // 2),
+           "plain_segment_windows": score_sequence(runs["plain"]["checkpoint"], ids, L)}
 
     base = 2048 if quick else 8192
     lengths = [base * m for m in (1, 2, 4, 8)]
     mem_rows = {"hmt (streaming, segment window)": [measure(runs["hmt"]["checkpoint"], n) for n in lengths],
+                f"plain LM, sliding window {eff} stride {L} (matched)": [
+                    measure(runs["plain"]["checkpoint"], n, eff, L) for n in lengths],
                 "plain LM, whole input as one window (KV cache)": [measure(runs["plain"]["checkpoint"], n)
                                                                   for n in lengths]}
     S, Lr, K = args.recall_segments, 16, 8
@@ -286,14 +303,18 @@ def main() -> None:
 
     h = mem_rows["hmt (streaming, segment window)"]
     p = mem_rows["plain LM, whole input as one window (KV cache)"]
+    m = mem_rows[f"plain LM, sliding window {eff} stride {L} (matched)"]
     result = {
-        "mode": "quick" if quick else "full", "threads": args.threads, "backbone": BACKBONE,
+        "mode": "quick" if quick else "full", "threads": args.threads, "machine": machine_info(args.threads),
+        "backbone": BACKBONE, "equal_terms": {"steps": steps, "batch_size": 12, "seq_len": spw * L,
+                                              "train_tokens_each": steps * 12 * spw * L},
         "segment_len": L, "memory": mem_cfg, "train_steps": steps,
         "params": counts, "runs": runs,
         "shakespeare_val": {"n_tokens_scored": ppl["hmt_one_sequence"]["n_tokens"],
                             "val_split_tokens": n_val_full, "truncated": quick, **ppl},
         "memory_vs_length": mem_rows,
         "memory_growth_8x_over_1x_mib": {"hmt": h[-1]["delta_mib"] - h[0]["delta_mib"],
+                                          "plain_sliding_matched": m[-1]["delta_mib"] - m[0]["delta_mib"],
                                           "plain_whole_window": p[-1]["delta_mib"] - p[0]["delta_mib"]},
         "recall": recall, "wall_s": time.perf_counter() - t0,
         "memory_method": "fresh subprocess per point; after loading and a warm-up the peak RSS is reset "
@@ -307,4 +328,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    __import__("seqlm.cpualloc").cpualloc.apply_entry_point()  # an entry point: allocator tuning
     main()

@@ -24,6 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.machine import machine_info  # noqa: E402
 NANOGPT = {"val_loss": 1.886, "wall_s": 157}
 PRESETS = ["attention", "mamba", "mamba2", "h3", "hybrid"]
 
@@ -85,6 +86,7 @@ def main() -> None:
     out = {"budget": {"steps": steps or 2000, "batch": 12, "seq_len": 64, "val_batches": n_val},
            "threads": torch.get_num_threads(), "nanogpt_reference": NANOGPT, "presets": results,
            "target_hybrid_le_1.80_within_157s": bool(ok), "hybrids_meeting_target": ok}
+    out["machine"] = machine_info()
     text = json.dumps(out, indent=2)
     print(text)
     if not args.quick:
@@ -126,4 +128,5 @@ def _plot(results: dict, png: Path) -> None:
 
 
 if __name__ == "__main__":
+    __import__("seqlm.cpualloc").cpualloc.apply_entry_point()  # an entry point: allocator tuning
     main()

@@ -26,6 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.machine import machine_info  # noqa: E402
 
 from seqlm.cli import main as seqlm_main  # noqa: E402
 from seqlm.config import TrainConfig, parse_config  # noqa: E402
@@ -130,10 +131,12 @@ def main() -> int:
     print(json.dumps(result, indent=1))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    result["machine"] = machine_info(1)
     out.write_text(json.dumps(result, indent=1) + "\n")
     plot(rows, ROOT / "docs" / "img" / "recursive.png")
     return 0 if all(math.isfinite(r["val_loss"]) for r in rows) else 1
 
 
 if __name__ == "__main__":
+    __import__("seqlm.cpualloc").cpualloc.apply_entry_point()  # an entry point: allocator tuning
     sys.exit(main())

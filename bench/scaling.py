@@ -15,7 +15,7 @@ allocator high-water mark:
   parameters and input already allocated; a tiny L=64 pass has done the libraries' lazy
   inits): the extra memory the forward+backward held at its peak - activations, saved
   tensors, gradients, workspace.
-The timed runs use the allocator settings ``import seqlm`` applies (seqlm/cpualloc.py: heap
+The timed runs use the allocator settings seqlm's entry points apply (seqlm/cpualloc.py: heap
 reuse up to 32 MiB, huge pages above; recorded in the JSON): without them the 4 KiB page
 faults on fresh activations dominate from 16k tokens on and the SSM ratios were 45-62. The
 memory runs set MALLOC_MMAP_THRESHOLD_, which leaves malloc at glibc's behaviour there.
@@ -42,6 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.machine import machine_info  # noqa: E402
 BLOCKS = ["mamba", "mamba2", "h3", "attention"]
 FULL_L = [1024, 2048, 4096, 8192, 16384, 32768]
 QUICK_L = [1024, 2048, 4096]
@@ -195,6 +196,7 @@ def main() -> None:
            "ssm_target": "t(32k)/t(1k) <= 40", "blocks": results}
     res = ROOT / "bench" / "results" / "scaling.json"
     res.parent.mkdir(parents=True, exist_ok=True)
+    out["machine"] = machine_info(args.threads)
     res.write_text(json.dumps(out, indent=2) + "\n")
     plot(results, ROOT / "docs" / "img" / "scaling.png",
          f"one layer, d_model {args.d_model}, batch 1, fp32 CPU, {args.threads} thread(s)")
@@ -202,4 +204,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    __import__("seqlm.cpualloc").cpualloc.apply_entry_point()  # an entry point: allocator tuning
     main()

@@ -29,6 +29,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.machine import machine_info  # noqa: E402
 
 
 def matmul_peak(n: int = 1024, seconds: float = 3.0) -> float:
@@ -205,6 +206,7 @@ def main():
     res["targets"] = {"val_loss<=1.89": val200 <= 1.89,
                       "speed_ratio>=1": res["speed_ratio_seqlm_over_plain"] >= 1.0,
                       "fraction_of_peak>=0.40": res["throughput_interleaved"]["seqlm"]["fraction_of_peak"] >= 0.40}
+    res["machine"] = machine_info()
     text = json.dumps(res, indent=2)
     print(text)
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
@@ -212,4 +214,5 @@ def main():
 
 
 if __name__ == "__main__":
+    __import__("seqlm.cpualloc").cpualloc.apply_entry_point()  # an entry point: allocator tuning
     main()

@@ -26,6 +26,16 @@ def _hf_label(key: str, r: dict) -> str:
     return key
 
 
+def machine(d) -> str:
+    """The machine a bench ran on, from its JSON's ``machine`` record (bench/machine.py)."""
+    m = (d or {}).get("machine")
+    if not m:
+        return "machine: not recorded in this JSON (an earlier run, before benches recorded it)"
+    isa = "/".join(m.get("cpu_isa") or []) or "ISA unknown"
+    return (f"machine: {m.get('cpu_model', '?')} ({isa}), {m.get('cpu_count', '?')} cores, "
+            f"{m.get('threads', '?')} thread(s), torch {m.get('torch', '?')}")
+
+
 def load(name):
     p = R / f"{name}.json"
     return json.loads(p.read_text()) if p.exists() else None
@@ -50,7 +60,7 @@ def main() -> None:
     if t:
         s, p = t["seqlm"], t.get("plain_gpt", {})
         out += ["**nanoGPT CPU recipe** (`bench/train_shakespeare.py`; 4 layers, d 128, block 64, batch 12, "
-                "2000 iters, char-level; 2 threads):", "",
+                f"2000 iters, char-level; 2 threads; {machine(t)}):", "",
                 "| run | val loss | train wall | tokens/s | % of fp32 matmul peak |", "|---|---|---|---|---|",
                 f"| nanoGPT (reference figure) | {t['nanogpt_reference']['val_loss']} | "
                 f"{t['nanogpt_reference']['wall_s']} s | | |"]
@@ -65,7 +75,7 @@ def main() -> None:
     pr = load("presets")
     if pr:
         out += ["**Presets at the nanoGPT budget** (`bench/presets.py`; 2000 x 12 x 64 tokens, val loss on 200 "
-                "fixed validation batches; nanoGPT: 1.886 in 157 s):", "",
+                f"fixed validation batches; nanoGPT: 1.886 in 157 s; {machine(pr)}):", "",
                 "| preset | pattern | params | val loss | train wall | tokens/s |", "|---|---|---|---|---|---|"]
         for n, r in pr["presets"].items():
             if "val_loss" in r:
@@ -75,7 +85,7 @@ def main() -> None:
     sc = load("scaling")
     if sc:
         out += ["**One layer vs sequence length** (`bench/scaling.py`; d_model 256, batch 1, forward+backward, "
-                f"{sc.get('threads', '?')} threads; peak memory = RSS growth in a fresh process):", ""]
+                f"{sc.get('threads', '?')} threads; peak memory = RSS growth in a fresh process; {machine(sc)}):", ""]
         rows = sc.get("blocks") or {}
         Ls = sc.get("lengths") or []
         if isinstance(rows, dict) and Ls:
@@ -93,15 +103,18 @@ def main() -> None:
     if hf:
         out += ["**Against Hugging Face transformers' pure-PyTorch mixers** (`bench/hf_compare.py`; same weights, "
                 f"fp32, batch 1, forward+backward, threads: {hf.get('threads', '?')}, median of "
-                f"{hf.get('repeats', '?')} interleaved passes):", "",
-                "| comparison | L | max abs diff (y) | seqlm | HF | speedup | ceiling (HF time / shared projections) |",
-                "|---|---|---|---|---|---|---|"]
+                f"{hf.get('repeats', '?')} interleaved passes; {machine(hf)}):", "",
+                "| comparison | L | max abs diff (y) | seqlm | HF | speedup | ceiling (HF time / shared projections) "
+                "| speedup outside the projections |",
+                "|---|---|---|---|---|---|---|---|"]
         for k, r in hf["results"].items():
             if r.get("status") == "ok":
                 out.append(f"| {_hf_label(k, r)} | {r['L']} | {r['max_abs_diff_y']:.1e} | "
                            f"{r['fwd_bwd_s_seqlm']:.2f} s | {r['fwd_bwd_s_hf']:.2f} s | {r['speedup']:.2f}x | "
                            + (f"{r['speedup_bound_linear_layers_only']:.1f}x |"
-                              if "speedup_bound_linear_layers_only" in r else "— |"))
+                              if "speedup_bound_linear_layers_only" in r else "— |")
+                           + (f" {r['speedup_excluding_linear_layers']:.1f}x |"
+                              if "speedup_excluding_linear_layers" in r else " — |"))
         out.append("")
         sw = hf.get("hf_chunk_sweep")
         if sw:
@@ -113,7 +126,8 @@ def main() -> None:
         g, gc = dc["generation"], dc.get("generation_compiled")
         out += ["**Decode** (`bench/decode.py`; 256 new tokens after an 8192-token prompt, "
                 f"{dc['params']['mamba2'] / 1e6:.1f}M Mamba-2 vs {dc['params']['attention'] / 1e6:.1f}M attention, "
-                f"{dc['threads']} thread; tokens/s, eager and with the decode step compiled, `generate(compile=True)`):",
+                f"{dc['threads']} thread; tokens/s, eager and with the decode step compiled, `generate(compile=True)`; "
+                f"{machine(dc)}):",
                 ""]
         if gc:
             out += ["| batch | Mamba-2 eager | attention eager | ratio | Mamba-2 compiled | attention compiled | ratio "
@@ -141,36 +155,103 @@ def main() -> None:
         out.append(f"**Relaxed recursive** (`bench/recursive.py`{' --quick' if rc.get('quick') else ''}; "
                    f"d {st.get('d_model')}, {st.get('n_layers')} layers `{st.get('pattern')}` pretrained "
                    f"{st.get('pretrain')} steps, K={st.get('groups')} shared groups, each variant then fine-tuned "
-                   f"{st.get('finetune')} steps):")
+                   f"{st.get('finetune')} steps; {machine(rc)}):")
         out += ["", "| variant | params | val loss after conversion | after fine-tune |", "|---|---|---|---|"]
         for r in rc.get("rows", []):
             out.append(f"| {r['name']} | {r['params']:,} | {r['val_loss_converted']:.3f} | {r['val_loss']:.3f} |")
         out.append("")
     mq = load("mqar")
     if mq and mq.get("results"):
-        out += [f"**MQAR** (`bench/mqar.py`; V={mq['vocab_size']}, {mq['steps']} steps, batch {mq['batch_size']}, "
-                f"lr {', '.join(str(x) for x in mq['lrs'])}, {mq['n_train']:,} training examples; "
-                "accuracy over query positions on held-out examples):", "",
-                "| mixer | d_model | setting (L, pairs) | accuracy | params |", "|---|---|---|---|---|"]
-        for r in mq["results"]:
-            out.append(f"| {r['mixer']} | {r['d_model']} | ({r['seq_len']}, {r['num_pairs']}) | "
-                       f"{r['accuracy']:.3f} | {r['n_params']:,} |")
+        settings = [tuple(x) for x in mq["settings"]]
+        machines = mq.get("machines") or [mq.get("machine")]
+        mline = "; ".join(machine({"machine": m}) for m in machines if m) or machine(mq)
+        out += [f"**MQAR** (`bench/mqar.py`; V={mq['vocab_size']}, 2-layer models (mixer + MLP) x 2, batch "
+                f"{mq['batch_size']}, {mq['n_train']:,} training examples, at most {mq['steps']} steps per run, "
+                f"lr sweep {', '.join(str(x) for x in mq['lrs'])}"
+                + (f", each run stopped at accuracy {mq['target']} and the sweep at the first lr reaching it"
+                   if mq.get("sweep_stops_at_target") else "")
+                + f"; accuracy on 1,000 held-out examples, best over the sweep; {mline}):", "",
+                "| mixer | d_model | " + " | ".join(f"({L}, {k})" for L, k in settings) + " |",
+                "|---|---|" + "---|" * len(settings)]
+        for mixer in dict.fromkeys(r["mixer"] for r in mq["results"]):
+            for d in sorted({r["d_model"] for r in mq["results"] if r["mixer"] == mixer}):
+                cells = []
+                for L, k in settings:
+                    m = [r for r in mq["results"] if (r["mixer"], r["d_model"], r["seq_len"]) == (mixer, d, L)]
+                    if not m:
+                        cells.append("not run")
+                        continue
+                    r = m[0]
+                    b = r.get("budget_per_run", {}).get(str(r["best_lr"]), {})
+                    per = ", ".join(f"{lr}: {a:.2f}" for lr, a in r["per_lr"].items())
+                    data = f"{r['n_train'] // 1000}k examples, " if r.get("n_train") else ""
+                    other = "".join(f"; also {o['accuracy']:.3f} with {o['n_train'] // 1000}k examples"
+                                    for o in r.get("other_runs", []) if o.get("n_train"))
+                    cells.append(f"**{r['accuracy']:.3f}** ({data}lr {r['best_lr']:g}, {b.get('steps', '?')} steps; "
+                                 f"per lr {per}{other})")
+                out.append(f"| {mixer} | {d} | " + " | ".join(cells) + " |")
         for m, why in mq.get("notes", {}).items():
-            out.append(f"| {m} | | | {why} | |")
+            out.append(f"| {m} | | {why} |")
         out.append("")
     hm = load("hmt")
     if hm:
         sv, mem, rc2 = hm["shakespeare_val"], hm["memory_growth_8x_over_1x_mib"], hm["recall"]
+        eq = hm.get("equal_terms")
         out += [f"**HMT** (`bench/hmt.py`{' --quick' if hm.get('mode') == 'quick' else ''}; backbone "
                 f"{hm['params']['backbone']:,} params, memory +{hm['params']['hmt_pct_of_backbone']:.2f}%, "
-                f"segment {hm['segment_len']}):", "",
-                "| measure | same backbone, one segment at a time | HMT |", "|---|---|---|",
-                f"| Tiny Shakespeare val ({sv['n_tokens_scored']:,} tokens as one sequence), loss | "
-                f"{sv['plain_segment_windows']['loss']:.3f} | {sv['hmt_one_sequence']['loss']:.3f} |",
-                f"| peak memory growth, 8x longer input | {mem['plain_whole_window']:.0f} MiB (whole input as one window) | "
-                f"{mem['hmt']:.1f} MiB |",
-                f"| recall {rc2['task']['distance_segments']} segments back (chance {rc2['task']['chance']:.3f}) | "
-                f"{rc2['no_memory']['accuracy_last_query']:.3f} | {rc2['hmt']['accuracy_last_query']:.3f} |", ""]
+                f"segment {hm['segment_len']}, {hm['memory'].get('n_sensory', '?')} sensory tokens; "
+                + (f"both trained {eq['steps']} steps x batch {eq['batch_size']} x {eq['seq_len']} tokens = "
+                   f"{eq['train_tokens_each']:,} tokens each; " if eq else "")
+                + f"{machine(hm)}):", ""]
+        if "plain_sliding_matched" in sv:
+            pm, pt, ps, hh = (sv["plain_sliding_matched"], sv["plain_sliding_train_context"],
+                              sv["plain_segment_windows"], sv["hmt_one_sequence"])
+            runs = hm["runs"]
+            out += ["| model, scored on Tiny Shakespeare val as one sequence "
+                    f"({sv['n_tokens_scored']:,} tokens) | context per scored token | loss | eval µs/token |",
+                    "|---|---|---|---|",
+                    f"| HMT (segments + sensory + memory) | {hm['memory']['n_sensory']}-{hm['segment_len'] + hm['memory']['n_sensory']} tokens + memory | "
+                    f"{hh['loss']:.3f} | {hh['eval_us_per_token']:.0f} |",
+                    f"| plain LM, sliding window {pm['context']} stride {pm['stride']} (matched) | "
+                    f"{pm['context'] - pm['stride']}-{pm['context']} tokens | {pm['loss']:.3f} | {pm['eval_us_per_token']:.0f} |",
+                    f"| plain LM, sliding window {pt['context']} stride {pt['stride']} (its training context) | "
+                    f"{pt['context'] - pt['stride']}-{pt['context']} tokens | {pt['loss']:.3f} | {pt['eval_us_per_token']:.0f} |",
+                    f"| plain LM, non-overlapping {ps['context']}-token windows (the earlier baseline) | "
+                    f"0-{ps['context']} tokens | {ps['loss']:.3f} | {ps['eval_us_per_token']:.0f} |", "",
+                    "| measure | plain LM | HMT |", "|---|---|---|",
+                    f"| training time per token | {runs['plain']['train_us_per_token']:.0f} µs | "
+                    f"{runs['hmt']['train_us_per_token']:.0f} µs |",
+                    f"| peak memory growth, 8x longer input | {mem['plain_sliding_matched']:.1f} MiB (matched sliding "
+                    f"window), {mem['plain_whole_window']:.0f} MiB (whole input as one window) | {mem['hmt']:.1f} MiB |",
+                    f"| recall {rc2['task']['distance_segments']} segments back (chance {rc2['task']['chance']:.3f}) | "
+                    f"{rc2['no_memory']['accuracy_last_query']:.3f} (one segment at a time) | "
+                    f"{rc2['hmt']['accuracy_last_query']:.3f} |", ""]
+        else:
+            out += ["| measure | same backbone, one segment at a time | HMT |", "|---|---|---|",
+                    f"| Tiny Shakespeare val ({sv['n_tokens_scored']:,} tokens as one sequence), loss | "
+                    f"{sv['plain_segment_windows']['loss']:.3f} | {sv['hmt_one_sequence']['loss']:.3f} |",
+                    f"| peak memory growth, 8x longer input | {mem['plain_whole_window']:.0f} MiB (whole input as one "
+                    f"window) | {mem['hmt']:.1f} MiB |",
+                    f"| recall {rc2['task']['distance_segments']} segments back (chance {rc2['task']['chance']:.3f}) | "
+                    f"{rc2['no_memory']['accuracy_last_query']:.3f} | {rc2['hmt']['accuracy_last_query']:.3f} |", ""]
+    tk = load("tokenize")
+    if tk:
+        sizes = list(next(iter(tk["tokenizers"].values()))["peak_rss_mb"])
+        la = ", ".join(f"{x:.1f}" for x in tk["loadavg_start"][:1] + tk["loadavg_end"][:1])
+        out += [f"**Tokenization** (`bench/tokenize.py`; a {tk['corpus_mb']:.0f} MB txt file of Tiny Shakespeare "
+                f"repeated with variation; {tk['cpu']}, {tk['cores']} cores shared with other jobs, load average "
+                f"{la} at start/end; best of {len(next(iter(tk['tokenizers'].values()))['runs']['1'])} alternating "
+                "runs; CPU s/MB counts this process and the workers):", "",
+                f"| tokenizer | 1 worker | 2 workers | speedup | CPU s/MB (1 / 2 workers) | peak RSS parent / worker, "
+                f"{sizes[0]} | {sizes[1]} | relaunch, warm cache | rehash all (`verify_cache`) |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for name, t in tk["tokenizers"].items():
+            rss = [t["peak_rss_mb"][k] for k in sizes]
+            out.append(f"| {name} | {t['mb_per_s_1_worker']:.2f} MB/s | {t['mb_per_s_2_workers']:.2f} MB/s | "
+                       f"{t['speedup_2_workers']:.2f}x | {t['cpu_s_per_mb_1_worker']:.3f} / {t['cpu_s_per_mb_2_workers']:.3f} | "
+                       + " | ".join(f"{r['parent']:.0f} / {r['worker']:.0f} MB" for r in rss)
+                       + f" | {t['relaunch_warm_cache_s'] * 1e3:.1f} ms | {t['relaunch_verify_cache_s']:.2f} s |")
+        out.append("")
     out += long_seq_tables()
     tables = "\n".join(out)
     if "--write" in sys.argv[1:]:

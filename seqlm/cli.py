@@ -6,12 +6,13 @@ import argparse
 import importlib
 import sys
 
-# modules contributing subcommands (train, tokenizer, eval, generate, convert, distill)
+# modules contributing subcommands (train, tokenizer, eval, generate, convert)
 COMMAND_MODULES = [
     "seqlm.train.cli",
     "seqlm.data.cli",
     "seqlm.eval.cli",
     "seqlm.convert",
+    "seqlm.distill.cli",
 ]
 
 
@@ -25,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from seqlm.cpualloc import apply_entry_point
+
+    apply_entry_point()  # an entry point: tune the CPU allocator (SEQLM_CPU_ALLOC=0 opts out)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # pass-through commands (lm-eval) take the rest
     if extra:

@@ -14,7 +14,7 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, ValidationError,
@@ -26,6 +26,9 @@ from seqlm.blocks.base import BlockConfig
 
 class ConfigError(ValueError):
     """A config (file, dict or override) is invalid; the message names each field."""
+
+
+MAX_LAYERS = 4096  # a bound that keeps a typo (n_layers: 1e20) from expanding a pattern forever
 
 
 class Section(BaseModel):
@@ -94,7 +97,7 @@ class ModelConfig(Section):
     )
     d_model: int = Field(128, gt=0, description="Width of the residual stream.")
     n_layers: Optional[int] = Field(
-        None, gt=0,
+        None, gt=0, le=MAX_LAYERS,
         description="Number of layers (each layer is one sub-layer: a mixer or an MLP). "
         "With `pattern`, the pattern is tiled to this length; null means len(pattern).",
     )
@@ -170,7 +173,7 @@ class ModelConfig(Section):
             n = data.get("n_layers")
             if n is None:
                 n = len(pattern)
-            if not isinstance(n, int) or n <= 0:
+            if not isinstance(n, int) or n <= 0 or n > MAX_LAYERS:
                 return data  # field validation reports n_layers
             if n % len(pattern):
                 raise ValueError(
@@ -248,6 +251,18 @@ class TokenizerConfig(Section):
         return self
 
 
+class TaskDataConfig(Section):
+    """A synthetic task to train on instead of text (seqlm/data/tasks.py); L = train.seq_len."""
+
+    type: Literal["mqar"] = Field("mqar", description="`mqar`: multi-query associative recall (Zoology's generator).")
+    num_pairs: int = Field(4, gt=0, description="MQAR: key-value pairs per example (4 * num_pairs <= seq_len).")
+    vocab_size: int = Field(8192, gt=3, description="MQAR: vocabulary (keys from the lower half, values from the upper).")
+    n_train: int = Field(20000, gt=0, description="Training examples generated once (sampled with replacement).")
+    n_val: int = Field(1000, gt=0, description="Held-out examples for the validation loss.")
+    seed: int = Field(0, description="Generator seed (the validation set uses seed + 10000).")
+    random_fill: bool = Field(True, description="MQAR: filler tokens random (Zoology) or 0.")
+
+
 class SourceConfig(Section):
     """One source of a weighted mixture (`data.sources`)."""
 
@@ -302,6 +317,10 @@ class DataConfig(Section):
     verify_cache: bool = Field(
         False, description="Rehash every data file on launch; by default a file is rehashed only when its "
         "size or times changed."
+    )
+    task: Optional[TaskDataConfig] = Field(
+        None, description="Train on a synthetic task (e.g. MQAR) instead of `files`; the tokenizer is then "
+        "the task's id tokenizer."
     )
 
     @field_validator("files")
@@ -449,6 +468,134 @@ class MemoryConfig(Section):
         return self
 
 
+class DistillStageConfig(Section):
+    """One distillation stage (MOHAWK, Bick et al.; `seqlm distill`, seqlm/distill/)."""
+
+    kind: Literal["orient", "align", "logits"] = Field(
+        ..., description="`orient`: matrix orientation (each student mixer, fed the teacher's input to that "
+        "layer, fits its materialised mixing matrix to the teacher's attention matrix; Frobenius distance "
+        "averaged over batch and heads). `align`: hidden-state alignment (each student block's output fits "
+        "the teacher block's output, L2, teacher inputs). `logits`: end-to-end KL to the teacher's "
+        "distribution (with temperature) + weighted CE.",
+    )
+    name: Optional[str] = Field(
+        None, description="Run-dir subfolder of the stage; null = `<index>-<kind>` (e.g. `2-align`).")
+    steps: Optional[int] = Field(None, gt=0, description="Optimizer steps (give steps or tokens).")
+    tokens: Optional[int] = Field(
+        None, gt=0, description="Token budget; steps = ceil(tokens / (batch_size * seq_len * grad_accum)).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate of the stage.")
+    min_lr: Optional[float] = Field(None, ge=0, description="Final LR of cosine / wsd decay; null = lr / 10.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps of the stage.")
+    schedule: Literal["cosine", "wsd", "constant"] = Field("cosine", description="LR schedule (as train.schedule).")
+    trainable: Optional[Union[Literal["mixers", "all"], list[str]]] = Field(
+        None, description="Which parameters train. `mixers`: the student layers paired with teacher attention "
+        "layers (the converted mixers); `all`: every parameter; or a list of regexes over parameter names "
+        "(re.search). null = `mixers` for orient/align, `all` for logits. The rest stay frozen "
+        "(bit-identical).",
+    )
+
+    @model_validator(mode="after")
+    def _budget(self) -> "DistillStageConfig":
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("steps: give exactly one of steps or tokens")
+        if self.name is not None and not re.fullmatch(r"[\w.-]+", self.name):
+            raise ValueError(f"name: must be a plain folder name, got {self.name!r}")
+        return self
+
+
+class FromTeacherConfig(Section):
+    """The student is the teacher with chosen attention layers turned into other mixers."""
+
+    pattern: str = Field(
+        ..., description="One character per teacher layer (tiled when shorter, like model.pattern): `.` keeps "
+        "the teacher's layer; `*` keeps an attention layer; `2` / `M` / `H` turn an attention layer into "
+        "Mamba-2 / Mamba / H3, initialised from it (Mamba-in-the-Llama mapping, see the README); a non-attention "
+        "layer may only be kept (`.` or its own character). E.g. `2-` (pure Mamba-2 from a `*-` teacher), "
+        "`2-*-` (every other attention layer kept).",
+    )
+    block_defaults: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per new block type, fields not fixed by the mapping (e.g. "
+        "`mamba2: {chunk_size: 32}`). The mapping fixes Mamba-2's expand 1, head_dim = d_state = the "
+        "teacher's head dim and ngroups = n_heads, and Mamba's expand 1 and d_state = head dim.",
+    )
+
+    @field_validator("pattern")
+    @classmethod
+    def _chars(cls, v: str) -> str:
+        chars = registry.pattern_chars()
+        if not v:
+            raise ValueError("must be a non-empty string")
+        for i, ch in enumerate(v):
+            if ch != "." and ch not in chars:
+                raise ValueError(f"character {i} {ch!r} unknown (known: '.' = keep, {_char_table()})")
+        return v
+
+
+class DistillConfig(Section):
+    """Distillation (`seqlm distill`): a teacher, a student and the stages that train it."""
+
+    teacher: str = Field(
+        ..., description="The teacher: a seqlm checkpoint (run root, step or model-only directory) or a local "
+        "Hugging Face model directory (Llama, Mistral, GPT-2, ...). Its tokenizer is used for the data and "
+        "for the student.",
+    )
+    teacher_dtype: Optional[Literal["fp32", "bf16"]] = Field(
+        None, description="dtype the teacher runs in (no_grad, eval mode); null = the student's dtype.")
+    from_teacher: Optional[FromTeacherConfig] = Field(
+        None, description="Build the student from the teacher (give this or `student`).")
+    student: Optional[ModelConfig] = Field(
+        None, description="The student's own model section (any seqlm model, e.g. for logit-only "
+        "distillation); give this or `from_teacher`. The top-level `model:` is not read by `seqlm distill`.",
+    )
+    student_init: Optional[str] = Field(
+        None, description="With `student`: a seqlm checkpoint whose weights start the student (its tokenizer "
+        "must be the teacher's); null = fresh initialisation.",
+    )
+    stages: list[DistillStageConfig] = Field(
+        ..., min_length=1, description="Stages run in order, each from the previous one's weights "
+        "(MOHAWK: orient, align, logits; logit-only distillation: just `logits`).",
+    )
+    temperature: float = Field(1.0, gt=0, description="KD temperature T (the KL term is scaled by T^2).")
+    kl_weight: float = Field(1.0, ge=0, description="Weight of KL(teacher || student) in `logits` stages.")
+    ce_weight: float = Field(0.0, ge=0, description="Weight of the data cross-entropy in `logits` stages.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistillConfig":
+        if (self.from_teacher is None) == (self.student is None):
+            raise ValueError("from_teacher: give exactly one of from_teacher or student")
+        if self.student_init is not None and self.student is None:
+            raise ValueError("student_init: only with `student` (from_teacher starts from the teacher)")
+        if self.kl_weight == 0 and self.ce_weight == 0:
+            raise ValueError("kl_weight: kl_weight and ce_weight are both 0")
+        names = [s.name for s in self.stages if s.name]
+        if len(set(names)) != len(names):
+            raise ValueError("stages: stage names must be unique")
+        return self
+
+
+class DistributedConfig(Section):
+    """Multi-process training on DeepSpeed (used when a launcher starts several ranks:
+    `deepspeed --num_gpus N train.py ...` or `torchrun --nproc_per_node N train.py ...`)."""
+
+    tp_size: int = Field(
+        1, gt=0, description="Tensor-parallel ranks per model replica (heads/channels of every block "
+        "split across them); the world size must be a multiple; data-parallel size = world / tp_size.")
+    zero_stage: Literal[0, 1, 2] = Field(
+        0, description="DeepSpeed ZeRO stage over the data-parallel ranks: 0 plain DP, 1 optimizer "
+        "state sharded, 2 optimizer state and gradients sharded.")
+    overlap_comm: bool = Field(
+        False, description="ZeRO: overlap the gradient reduction with the backward pass.")
+    ladder_overlap: bool = Field(
+        True, description="With residual: ladder and tp_size > 1, issue each sub-layer's row-parallel "
+        "all-reduce asynchronously and wait for it one sub-layer later (Ladder Residual's point).")
+    timeout_s: float = Field(
+        300.0, gt=0, description="Collective timeout: a rank that died or hangs ends the job after this "
+        "long with a message naming the rank.")
+    deepspeed_config: Optional[str] = Field(
+        None, description="Path to your own DeepSpeed JSON; its keys override the generated config "
+        "(which is written to <out_dir>/deepspeed_config.json).")
+
+
 class RunConfig(Section):
     """A whole run."""
 
@@ -459,11 +606,27 @@ class RunConfig(Section):
     memory: Optional[MemoryConfig] = Field(
         None, description="Hierarchical memory (HMT) around the model; null: a plain LM."
     )
+    distill: Optional[DistillConfig] = Field(
+        None, description="Distillation (`seqlm distill`); null: not a distillation run."
+    )
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Multi-process training (DeepSpeed): TP, ZeRO, timeouts.")
 
     @model_validator(mode="after")
     def _memory_fits_model(self) -> "RunConfig":
         if self.memory is not None and self.model.pos_embedding != "none":
             raise ValueError("model.pos_embedding: learned positions are not supported with memory (HMT)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_tp(self) -> "RunConfig":
+        tp = self.distributed.tp_size
+        problems = []
+        for i, spec in enumerate(self.model.layers or [] if tp > 1 else []):
+            for fld, why in spec.tp_check(self.model.d_model, tp):
+                problems.append(f"model.layers[{i}].{fld}: {why}")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
@@ -485,7 +648,10 @@ def _path(loc: tuple, names: set[str]) -> str:
         prev_int = False
         if part in ("function-after[_need_path()]",) or str(part).startswith("function-"):
             continue
-        out += ("." if out else "") + str(part)
+        if isinstance(part, str) and part.isidentifier():
+            out += ("." if out else "") + part
+        else:  # a key that is not a name (empty, spaces, control characters): quote it
+            out += f"[{str(part)!r}]"
     return out
 
 
@@ -553,14 +719,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 lst = node.get(m.group(1))
                 idx = int(m.group(2))
                 if not isinstance(lst, list) or idx >= len(lst):
-                    raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])} does not exist")
+                    raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])!r} does not exist")
                 node = lst[idx]
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])!r} is not a section")
                 continue
             nxt = node.get(part)
             if nxt is None:
                 nxt = node[part] = {}
             if not isinstance(nxt, dict):
-                raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])} is not a section")
+                raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])!r} is not a section")
             node = nxt
         last = parts[-1]
         m = re.fullmatch(r"(\w+)\[(\d+)\]", last)
@@ -568,7 +736,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             lst = node.get(m.group(1))
             idx = int(m.group(2))
             if not isinstance(lst, list) or idx >= len(lst):
-                raise ConfigError(f"override {ov!r}: {key} does not exist")
+                raise ConfigError(f"override {ov!r}: {key!r} does not exist")
             lst[idx] = _parse_value(raw)
         else:
             node[last] = _parse_value(raw)
@@ -582,9 +750,13 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r}: not valid YAML: {e}") from None
+        data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(p)!r}: cannot be read ({e.strerror or e})") from None
+    except (yaml.YAMLError, RecursionError, ValueError) as e:
+        raise ConfigError(f"config file {str(p)!r}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r}: top level must be a mapping of sections")
     return data

@@ -1,4 +1,6 @@
-"""CPU allocator settings seqlm applies when imported (``seqlm/__init__.py``).
+"""CPU allocator settings seqlm's entry points apply (the ``seqlm`` CLI, ``train.py``, the
+benches): :func:`apply_entry_point`. ``import seqlm`` changes nothing process-wide; a
+program using seqlm as a library opts in with ``seqlm.configure_cpu_allocator()``.
 
 PyTorch's CPU tensors come straight from glibc malloc, with no caching allocator in between.
 Two glibc defaults make long-sequence training pay the kernel for fresh pages on every pass:
@@ -15,7 +17,7 @@ Two glibc defaults make long-sequence training pay the kernel for fresh pages on
   pages (``THP_MEM_ALLOC_ENABLE=1``, 512x fewer faults), which halved the time of a
   32k-token Mamba-2 layer (bench/scaling.py). It is read at PyTorch's first large allocation.
 
-Opt out: ``SEQLM_CPU_ALLOC=0`` skips both; ``THP_MEM_ALLOC_ENABLE=0`` the huge pages; any
+Opt out (entry points and library calls alike): ``SEQLM_CPU_ALLOC=0`` skips both; ``THP_MEM_ALLOC_ENABLE=0`` the huge pages; any
 ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` in the environment (glibc's own
 settings) leaves malloc alone, as does a libc without ``mallopt`` (macOS, musl).
 """
@@ -58,3 +60,13 @@ def configure(environ=os.environ, libc=None) -> dict:
     ok = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     done["mallopt"] = {"M_MMAP_THRESHOLD": MMAP_THRESHOLD, "M_TRIM_THRESHOLD": TRIM_THRESHOLD, "ok": ok}
     return done
+
+
+APPLIED: dict = {}  # what apply_entry_point / configure_cpu_allocator did in this process
+
+
+def apply_entry_point() -> dict:
+    """Apply the settings once per process (entry points call this before any work)."""
+    if not APPLIED:
+        APPLIED.update(configure())
+    return APPLIED

@@ -116,8 +116,12 @@ class LM(nn.Module):
             n -= self.embed.weight.numel()
         return n
 
-    def tp_plan(self) -> dict[str, str]:
-        return {rf"stack\.{k}": v for k, v in self.stack.tp_plan().items()}
+    def tp_plan(self, tp: int = 1) -> dict:
+        """Every parameter's TP spec (seqlm/blocks/plan.py): the stack's plan; the embeddings
+        (token, learned positions), final norm and (tied) head are replicated."""
+        plan = {rf"stack\.{k}": v for k, v in self.stack.tp_plan(tp).items()}
+        plan.update({r"(pos_)?embed\.weight": "replicate", r"norm_f\..*": "replicate", r"head\.(weight|bias)": "replicate"})
+        return plan
 
     # -- a self-contained model directory ---------------------------------------------
     def save_pretrained(self, directory, tokenizer=None, run_config=None, metrics: Optional[dict] = None):
@@ -162,8 +166,11 @@ class LM(nn.Module):
         B, T = ids.shape
         dev = self.embed.weight.device
         ids = ids.to(dev)
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(seed if seed is not None else torch.seed())
+        gen = torch.Generator(device=dev)  # private: generating never moves the global RNG
+        if seed is not None:
+            gen.manual_seed(seed)
+        else:
+            gen.seed()  # fresh entropy for this generator only (torch.seed() reseeds the global one)
         step = self.compiled_step() if compile else self.step
         state = self.init_state(B, T + max_new_tokens)
         h, state = self.hidden(ids, state)

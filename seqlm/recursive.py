@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from seqlm.blocks.plan import lora_specs
 from seqlm.config import RecursiveConfig
 
 
@@ -66,6 +67,8 @@ class DepthParams(nn.Module):
         params = dict(block.named_parameters())
         for p in self.own:
             self.register_parameter(_key(p), nn.Parameter(params[p].detach().clone()))
+        # the copies keep the block's weight-decay exemptions (seqlm/train/optim.py)
+        self.no_weight_decay = tuple(_key(p) for p in self.own if p in getattr(block, "no_weight_decay", ()))
         self.lora: list[tuple[str, int]] = []  # (linear path, rank)
         for lp in linear_paths(block) if rc.lora_rank > 0 else []:
             lin = block.get_submodule(lp)
@@ -95,20 +98,20 @@ class DepthParams(nn.Module):
             self._cache[lp] = hit
         return hit[1]
 
-    def tp_plan(self, block_plan: dict[str, str], prefix: str) -> dict[str, str]:
-        """Plan entries for this depth's 2-D parameters: own copies take the block's kind; LoRA
-        follows its base: column base -> A replicate, B column; row base -> A row, B replicate."""
+    def tp_plan(self, block_plan: dict, prefix: str) -> dict:
+        """Plan entries for this depth's parameters: own copies take the block's spec; LoRA
+        follows its base (plan.lora_specs: a column base cuts B's rows, a row base A's
+        columns; the other factor is replicated with summed gradients)."""
         def kind(path):
             hits = [v for k, v in block_plan.items() if re.fullmatch(k, path)]
             return hits[0] if hits else None
 
         plan = {}
         for p in self.own:
-            if getattr(self, _key(p)).dim() == 2 and kind(p):
+            if kind(p) is not None:
                 plan[prefix + re.escape(_key(p))] = kind(p)
         for lp, _ in self.lora:
-            base = kind(f"{lp}.weight") or "replicate"
-            a, b = {"column": ("replicate", "column"), "row": ("row", "replicate")}.get(base, ("replicate",) * 2)
+            a, b = lora_specs(kind(f"{lp}.weight") or "replicate")
             plan[prefix + re.escape(_key(lp) + "__lora_A")] = a
             plan[prefix + re.escape(_key(lp) + "__lora_B")] = b
         return plan

@@ -139,14 +139,15 @@ class Stack(nn.Module):
     def step(self, x, states):
         return self._run(x, states, step=True)
 
-    def tp_plan(self) -> dict[str, str]:
+    def tp_plan(self, tp: int = 1) -> dict:
         """The blocks' plans prefixed with their position in the stack (recursive: the shared
-        blocks' plans plus each depth's own 2-D parameters and LoRA, seqlm/recursive.py)."""
-        plan = {}
+        blocks' plans plus each depth's own parameters and LoRA, seqlm/recursive.py); the
+        pre-norms are replicated."""
+        plan = {r"norms\..*": "replicate"}
         for i, b in enumerate(self.blocks):
-            for pat, kind in b.tp_plan().items():
-                plan[rf"blocks\.{i}\.{pat}"] = kind
+            for pat, kind in b.tp_plan(tp).items():
+                plan[rf"blocks\.{i}\.(?:{pat})"] = kind
         if self.groups is not None:
             for i, d in enumerate(self.depths):
-                plan.update(d.tp_plan(self.blocks[i % self.groups].tp_plan(), rf"depths\.{i}\."))
+                plan.update(d.tp_plan(self.blocks[i % self.groups].tp_plan(tp), rf"depths\.{i}\."))
         return plan

@@ -40,15 +40,42 @@ def test_no_mallopt_is_fine():
     assert "skipped" in cpualloc.configure(env, object())["mallopt"]
 
 
-def test_applied_on_import():
-    import seqlm
+def _fresh(code):
+    import os
 
-    assert "THP_MEM_ALLOC_ENABLE" in seqlm.CPU_ALLOC
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "SEQLM_CPU", "THP_MEM"))}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          check=True).stdout.strip().splitlines()[-1]
+
+
+def test_import_changes_nothing_but_entry_points_apply():
+    """Defect 12: ``import seqlm`` changed process-wide allocator settings (mallopt, THP) of any
+    host program. Now only seqlm's entry points (and an explicit opt-in) apply them."""
+    assert _fresh("import os, seqlm, seqlm.cli, seqlm.train.loop; "
+                  "print(seqlm.CPU_ALLOC, os.environ.get('THP_MEM_ALLOC_ENABLE'))") == "{} None"
+    out = _fresh("import os, seqlm\nfrom seqlm.cli import main\n"
+                 "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+                 "print(seqlm.CPU_ALLOC['mallopt']['ok'], os.environ.get('THP_MEM_ALLOC_ENABLE'))")
+    assert out == "True 1"
+    assert _fresh("import seqlm; print(seqlm.configure_cpu_allocator()['THP_MEM_ALLOC_ENABLE'])") == "1"
 
 
 def test_values_fit_mallopts_c_int():
-    # int mallopt(int, int): a larger value would reach glibc truncated (1 << 40 became 0)
-    assert 0 < cpualloc.MMAP_THRESHOLD <= 2**31 - 1 and 0 < cpualloc.TRIM_THRESHOLD <= 2**31 - 1
+    """What configure sends reaches a C ``int mallopt(int, int)`` unchanged (a value past
+    INT_MAX arrives truncated: 1 << 40 became 0, a trim on every free)."""
+    import ctypes
+
+    got = []
+    proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_int)
+    keep = proto(lambda param, value: got.append((param, value)) or 1)
+
+    class Libc:
+        mallopt = keep
+
+    cpualloc.configure({}, Libc())
+    assert got == [(cpualloc.M_MMAP_THRESHOLD, cpualloc.MMAP_THRESHOLD),
+                   (cpualloc.M_TRIM_THRESHOLD, cpualloc.TRIM_THRESHOLD)]
+    assert cpualloc.MMAP_THRESHOLD > 0 and cpualloc.TRIM_THRESHOLD > 0
 
 
 def test_freed_heap_memory_is_reused_without_page_faults():
@@ -57,7 +84,7 @@ def test_freed_heap_memory_is_reused_without_page_faults():
     truncated trim threshold gave, made each pass fault ~500 pages in again)."""
     code = (
         "import resource, torch, seqlm\n"
-        "assert seqlm.CPU_ALLOC['mallopt']['ok'], seqlm.CPU_ALLOC\n"
+        "assert seqlm.configure_cpu_allocator()['mallopt']['ok'], seqlm.CPU_ALLOC\n"
         "faults = []\n"
         "for _ in range(8):\n"
         "    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"

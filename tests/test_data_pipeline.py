@@ -291,3 +291,21 @@ def test_shakespeare_scenes():
     scenes = shakespeare_scenes(text)
     assert "".join(scenes) == text and len(scenes) > 100
     assert all(s.split(":\n")[0] for s in scenes)
+
+
+def test_hf_tokenizer_in_workers(tmp_path, monkeypatch):
+    pytest.importorskip("tokenizers")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hf_fixtures import EOS, build_tokenizer as build_hf_tok
+
+    from seqlm.data.hf_tokenizer import HFTokenizer
+
+    tok = HFTokenizer(build_hf_tok().to_str().encode(), EOS)
+    text = corpus(5, 200)
+    (tmp_path / "a.txt").write_text(text)
+    expect = reference([text], tok)
+    monkeypatch.setattr(pipe_mod, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(readers_mod, "CHUNK_BYTES", 300)
+    assert tok.split_safe and run([tmp_path / "a.txt"], tok, workers=2) == expect

@@ -54,14 +54,32 @@ def test_sliding_window_equals_brute_force(pattern, ctx, stride, chunk):
 
 
 def test_more_context_lowers_loss_on_a_copy_task():
-    """A model that can look back beats a short window on text that repeats: the per-context
-    numbers really differ (guards against ignoring --context)."""
-    model = tiny_model("*")
-    docs = [list(range(20)) * 3]
-    a = score_documents(model, docs, 4, 2, progress=False)
-    b = score_documents(model, docs, None, None, progress=False)
-    assert a["nll"] != pytest.approx(b["nll"])
-    assert len(a["pos_sum"]) == 4 and len(b["pos_sum"]) == 59
+    """A model trained to copy (random P-token blocks repeated) can only predict the repeats
+    by looking P tokens back: scored with full context it is far better on them than with a
+    4-token window, which sits near chance (guards against ignoring --context)."""
+    V, P = 23, 8
+    torch.manual_seed(0)
+    cfg = parse_config({"model": {"d_model": 32, "pattern": "*", "n_layers": 1, "vocab_size": V,
+                                  "block_defaults": {"attention": {"n_heads": 2}}}, "data": {"files": ["x.txt"]}})
+    model = build_model(cfg).train()  # one attention layer: a fixed-offset lookup P tokens back
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        x = torch.randint(0, V, (16, P), generator=g).repeat(1, 3)
+        loss = model.loss(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model = model.double().eval()
+    docs = [torch.randint(0, V, (P,), generator=g).repeat(3).tolist() for _ in range(4)]
+    a = score_documents(model, docs, 4, 2, progress=False, return_token_nll=True)
+    b = score_documents(model, docs, None, None, progress=False, return_token_nll=True)
+    assert len(a["pos_sum"]) == 4 and len(b["pos_sum"]) == 3 * P - 1
+    # targets P.. (token index >= P) repeat a token P back; token_nll[i] scores token i + 1
+    short = np.mean([t[P - 1:].mean() for t in a["token_nll"]])
+    full = np.mean([t[P - 1:].mean() for t in b["token_nll"]])
+    assert short > 0.6 * math.log(V), (short, full)  # a 4-token window cannot see the repeat
+    assert full < 0.35 * short, (short, full)
 
 
 def _checkpoint(tmp_path):

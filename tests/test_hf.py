@@ -304,3 +304,78 @@ def test_bin_weights_are_read_with_weights_only(hf_dirs, tmp_path):
     with pytest.raises(CheckpointError, match="not a plain tensor file"):
         load_any(b)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_lm_eval_adapter_takes_an_hf_dir(hf_dirs):
+    """lm-eval's seqlm model reads a Hugging Face directory: its loglikelihood equals the one
+    computed from transformers' own logits; the window comes from max_position_embeddings."""
+    pytest.importorskip("lm_eval")
+    import torch.nn.functional as F
+
+    from seqlm.eval.lm_eval_adapter import SeqLMEval
+
+    d, hf = hf_dirs("gpt_neox")
+    lm = SeqLMEval(checkpoint=str(d), device="cpu")
+    assert lm.max_length == hf.config.max_position_embeddings
+
+    class Req:
+        def __init__(self, *args):
+            self.args = args
+
+    (score, _), = lm.loglikelihood([Req("The quick brown", " fox jumps")], disable_tqdm=True)
+    c, x = lm.tok.encode("The quick brown"), lm.tok.encode(" fox jumps")
+    with torch.no_grad():
+        lp = F.log_softmax(hf(torch.tensor([c + x[:-1]])).logits[0], -1)[-len(x):]
+    want = float(lp.gather(-1, torch.tensor(x)[:, None]).sum())
+    assert score == pytest.approx(want, abs=1e-4)
+
+
+def test_sentencepiece_hf_dir_and_training_tokenizer_config(hf_dirs, tmp_path):
+    """A directory with tokenizer.model (SentencePiece) instead of tokenizer.json loads with the
+    same ids as sentencepiece; `data.tokenizer: {type: hf, path: DIR}` builds the HF tokenizer."""
+    import shutil
+
+    import sentencepiece as spm
+
+    from seqlm.config import parse_config
+    from seqlm.data.tokenizers import build_tokenizer as build_seqlm_tokenizer
+    from seqlm.data.tokenizers import train_sentencepiece
+
+    d, hf = hf_dirs("llama")
+    (tmp_path / "corpus.txt").write_text(TEXT * 3)
+    train_sentencepiece([str(tmp_path / "corpus.txt")], 80, "bpe", tmp_path / "sp.model", byte_fallback=False)
+    s = tmp_path / "spdir"
+    shutil.copytree(d, s)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (s / f).unlink()
+    shutil.copy(tmp_path / "sp.model", s / "tokenizer.model")
+    _, _, tok = load_any(s)
+    sp = spm.SentencePieceProcessor(model_file=str(s / "tokenizer.model"))
+    assert tok.type == "sentencepiece" and tok.encode(TEXT) == sp.encode(TEXT)
+
+    cfg = parse_config({"model": {"pattern": "*-"}, "data": {"tokenizer": {"type": "hf", "path": str(d)}}})
+    t2 = build_seqlm_tokenizer(cfg.data.tokenizer, [])
+    assert t2.type == "hf" and t2 == load_any(d)[2]
+
+
+@pytest.mark.parametrize("kind", ["char", "byte"])
+def test_char_and_byte_tokenizers_export_with_the_same_ids(kind, tmp_path):
+    """to-hf writes a tokenizer.json for seqlm's char and byte tokenizers: transformers' fast
+    tokenizer gives the same ids, and importing the export gives the same tokenizer ids back."""
+    import transformers
+
+    from seqlm.config import parse_config
+    from seqlm.data.tokenizers import ByteTokenizer, CharTokenizer
+    from seqlm.io.factory import build_model
+
+    text = "Hello, world!\n  é 😀 tabs\tand\nlines"
+    tok = CharTokenizer.fit([text]) if kind == "char" else ByteTokenizer()
+    cfg = parse_config({"model": {"d_model": 16, "pattern": "2", "block_defaults": {"mamba2": {"head_dim": 8}}}})
+    model = build_model(cfg, tok.vocab_size)
+    out = export_hf(model, cfg, tok, tmp_path / "hf")
+    fast = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert fast(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    assert fast.convert_tokens_to_ids("<|endoftext|>") == tok.eos_id
+    assert fast.decode(tok.encode(text)) == text
+    _, _, back = load_any(out)
+    assert back.encode(text) == tok.encode(text) and back.eos_id == tok.eos_id

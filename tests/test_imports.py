@@ -8,18 +8,23 @@ import sys
 import pytest
 
 FORBIDDEN = {
-    "seqlm.model": ["seqlm.train", "seqlm.memory", "seqlm.eval", "seqlm.io", "seqlm.recursive"],
-    "seqlm.stack": ["seqlm.train", "seqlm.memory", "seqlm.eval", "seqlm.io", "seqlm.model"],
+    "seqlm.model": ["seqlm.train", "seqlm.memory", "seqlm.eval", "seqlm.io", "seqlm.recursive", "seqlm.parallel"],
+    "seqlm.stack": ["seqlm.train", "seqlm.memory", "seqlm.eval", "seqlm.io", "seqlm.model", "seqlm.parallel"],
     "seqlm.memory": ["seqlm.train", "seqlm.eval", "seqlm.io"],
     "seqlm.recursive": ["seqlm.train", "seqlm.eval", "seqlm.io", "seqlm.model"],
-    "seqlm.io": ["seqlm.train", "seqlm.eval"],
+    "seqlm.io": ["seqlm.train", "seqlm.eval", "seqlm.distill", "seqlm.parallel"],
     "seqlm.io.hf": ["seqlm.train", "seqlm.eval", "transformers"],
     "seqlm.io.pretrained": ["seqlm.train", "seqlm.eval", "transformers"],
     "seqlm": ["seqlm.io", "seqlm.model", "seqlm.train", "seqlm.eval"],
     "seqlm.config": ["seqlm.io", "seqlm.model", "seqlm.train", "seqlm.eval", "seqlm.memory"],
+    "seqlm.parallel": ["seqlm.train", "seqlm.eval"],
+    "seqlm.blocks.mamba2": ["seqlm.parallel", "seqlm.model", "seqlm.stack"],
     "seqlm.eval.perplexity": ["seqlm.train"],
     "seqlm.eval.cli": ["seqlm.train"],
     "seqlm.data": ["seqlm.train", "seqlm.eval", "seqlm.io", "seqlm.model", "seqlm.stack", "seqlm.memory"],
+    "seqlm.distill.mixers": ["seqlm.train", "seqlm.eval", "seqlm.io"],
+    "seqlm.distill.init": ["seqlm.train", "seqlm.eval", "seqlm.io"],
+    "seqlm.train": ["seqlm.distill"],
 }
 
 

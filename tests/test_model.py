@@ -38,6 +38,21 @@ def test_generate_seeded_sampling_is_reproducible():
     assert torch.equal(a, b) and a.shape == (10,)
 
 
+def test_unseeded_generate_leaves_the_global_rng_alone():
+    """Defect 6: generate(seed=None) called torch.seed(), which reseeds the global RNG, so every
+    later random draw in the process changed (the eval tasks generate without a seed)."""
+    model = mixed_model("*-")
+    p = torch.randint(0, 50, (5,))
+    torch.manual_seed(123)
+    want = torch.rand(4)
+    torch.manual_seed(123)
+    a = model.generate(p, 10, temperature=1.0)
+    assert torch.equal(torch.rand(4), want)
+    b = model.generate(p, 30, temperature=1.0)
+    c = model.generate(p, 30, temperature=1.0)
+    assert a.shape == (10,) and not torch.equal(b, c)  # still random without a seed
+
+
 def test_sample_filters():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
     g = torch.Generator().manual_seed(0)

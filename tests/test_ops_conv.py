@@ -36,17 +36,24 @@ def test_cuda_dispatch_decision(monkeypatch):
 
 
 def test_cuda_dispatch_taken_for_cuda_tensors(monkeypatch):
+    """With the kernel importable and CUDA tensors, the call goes to causal-conv1d within its
+    contract (the fake checks it, tests/cuda_fakes.py) and gives the torch result; a width the
+    kernel does not take (5) stays on the torch path."""
     import seqlm.ops.conv as conv
+    from cuda_fakes import FakeCausalConv1d, on_fake_cuda
 
-    calls = []
-    monkeypatch.setattr(conv, "_cc1d_fn", lambda x, w, b, activation=None: calls.append(activation) or x)
+    fake = FakeCausalConv1d()
+    monkeypatch.setattr(conv, "_cc1d_fn", fake)
     x = torch.randn(1, 2, 5)
-    monkeypatch.setattr(type(x), "is_cuda", property(lambda self: True), raising=False)
-    try:
-        conv.causal_conv1d(x, torch.randn(2, 3), activation="silu")
-    finally:
-        monkeypatch.undo()
-    assert calls == ["silu"]
+    w3, w5 = torch.randn(2, 3), torch.randn(2, 5)
+    ref3, _ = conv.causal_conv1d(x, w3, activation="silu")
+    ref5, _ = conv.causal_conv1d(x, w5)
+    with on_fake_cuda():
+        y3, _ = conv.causal_conv1d(x, w3, activation="silu")
+        y5, _ = conv.causal_conv1d(x, w5)
+    assert [c["activation"] for c in fake.calls] == ["silu"] and fake.calls[0]["width"] == 3
+    torch.testing.assert_close(y3, ref3)
+    torch.testing.assert_close(y5, ref5)
 
 
 def test_token_major_conv_matches_ref_state_and_grads():

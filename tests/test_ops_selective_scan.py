@@ -145,22 +145,39 @@ def test_dispatch_decision(monkeypatch):
 
 
 def test_dispatch_calls_cuda_kernel_with_its_layout(monkeypatch):
-    u, delta, A, B, C, D, z, bias, h0 = inputs(L=10)
-    calls = []
+    """The fake checks selective_scan_fn's contract (tests/cuda_fakes.py): fp32 in, bf16 model
+    (A, D, delta bias cast to fp32), fp64 falls back, an initial state falls back."""
+    from cuda_fakes import FakeSelectiveScan
 
-    def fake(u_, delta_, A_, B_, C_, D_=None, z_=None, delta_bias=None, delta_softplus=False,
-             return_last_state=False):
-        calls.append((tuple(u_.shape), tuple(B_.shape), delta_softplus, return_last_state))
-        y, h = selective_scan_ref(u_.mT, delta_.mT, A_, B_.mT, C_.mT, D_, z_.mT, delta_bias, delta_softplus)
-        return y.mT, h
-
+    fake = FakeSelectiveScan()
     monkeypatch.setattr(ss, "_ssfn", fake)
     monkeypatch.setattr(ss, "_use_cuda_kernel", lambda *t: True)
-    y, h = selective_scan(u, delta, A, B, C, D, z, bias, True)
-    assert calls == [((2, 5, 10), (2, 3, 10), True, True)]
-    yr, hr = selective_scan_ref(u, delta, A, B, C, D, z, bias, True)
-    torch.testing.assert_close(y, yr)
-    torch.testing.assert_close(h, hr)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        u, delta, A, B, C, D, z, bias, h0 = inputs(L=10, dtype=dtype)
+        y, h = selective_scan(u, delta, A, B, C, D, z, bias, True)
+        f = lambda t: t.double()  # noqa: E731
+        yr, hr = selective_scan_ref(*(f(t) for t in (u, delta, A, B, C, D, z, bias)), True)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.double(), yr, rtol=tol, atol=tol)
+        torch.testing.assert_close(h.double(), hr, rtol=tol, atol=tol)
+    assert [c["dtype"] for c in fake.calls] == [torch.float32, torch.bfloat16]
+    u, delta, A, B, C, D, z, bias, h0 = inputs(L=10)  # fp64: the kernel has no fp64
+    selective_scan(u, delta, A, B, C, D, z, bias, True)
     # an initial state is not supported by the CUDA kernel: the CPU path runs instead
-    selective_scan(u, delta, A, B, C, D, z, bias, True, h0)
-    assert len(calls) == 1
+    selective_scan(*(t.float() for t in (u, delta, A, B, C, D, z, bias)), True, h0.float())
+    assert len(fake.calls) == 2
+
+
+def test_fp32_under_autocast():
+    """Defect 5: under bf16 autocast the scan's forward ran its einsum/matmul in bf16 (relative
+    error ~4e-3) while its backward ran in fp32. With fp32 inputs the scan must compute in fp32
+    whether or not autocast is on: output, state and gradients agree to fp32 rounding."""
+    ts = [t.requires_grad_() for t in inputs(b=2, L=80, Dm=16, N=8, dtype=torch.float32)]
+    y32, h32, g32 = run(selective_scan, ts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, h, g = run(selective_scan, ts)
+    assert y.dtype == torch.float32 and h.dtype == torch.float32
+    rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
+    assert rel(y, y32) < 1e-6 and rel(h, h32) < 1e-6
+    for a, b in zip(g, g32):
+        assert rel(a, b) < 1e-6

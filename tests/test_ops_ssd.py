@@ -200,20 +200,18 @@ def test_dispatch_decision(monkeypatch):
 
 
 def test_dispatch_calls_fused_kernel_with_our_arguments(monkeypatch):
-    x, dt, A, B, C, D, h0 = inputs(L=10)
-    calls = []
+    """The fake checks mamba_chunk_scan_combined's contract (tests/cuda_fakes.py)."""
+    from cuda_fakes import FakeSSD
 
-    def fake(x_, dt_, A_, B_, C_, chunk_size, D=None, initial_states=None, return_final_states=False):
-        calls.append((chunk_size, return_final_states))
-        return ssd_ref(x_, dt_, A_, B_, C_, D, initial_states)
-
+    x, dt, A, B, C, D, h0 = (t.float() for t in inputs(L=10))
+    fake = FakeSSD()
     monkeypatch.setattr(ssd, "_mcsc", fake)
     monkeypatch.setattr(ssd, "use_triton_ssd", lambda *t: True)
     y, h = ssd_scan(x, dt, A, B, C, 4, D, h0)
-    assert calls == [(4, True)]
+    assert fake.calls == [{"dtype": torch.float32, "chunk": 4, "state": True}]
     yr, hr = ssd_ref(x, dt, A, B, C, D, h0)
-    torch.testing.assert_close(y, yr)
-    torch.testing.assert_close(h, hr)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, hr, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_groups_is_a_clear_error():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from seqlm import registry
+from seqlm.blocks.plan import lora_specs
 from seqlm.config import ConfigError, dump_config, load_config, parse_config
 from seqlm.io import build_model, load_model
 from seqlm.io.convert import convert_recursive
@@ -149,16 +150,15 @@ def test_recursive_forward_equals_steps_and_tp_plan(name):
             outs.append(y)
     torch.testing.assert_close(torch.cat(outs, 1), ref, rtol=1e-8, atol=1e-10)
     plan = model.tp_plan()
-    assert set(plan.values()) <= {"column", "row", "replicate"}
-    for n, p in model.stack.named_parameters(prefix="stack"):
-        if p.dim() == 2:
-            hits = [k for k in plan if re.fullmatch(k, n)]
-            assert len(hits) == 1, (n, hits)
-            if n.endswith("__lora_B"):  # B follows a column base (A a row base)
-                depth, key = int(n.split(".")[2]), n.split(".")[3]
-                base_name = f"stack.blocks.{depth % 2}." + key.replace("__lora_B", ".weight")
-                base = [v for k, v in plan.items() if re.fullmatch(k, base_name)]
-                assert plan[hits[0]] == ("column" if base == ["column"] else "replicate"), n
+    for n, p in model.named_parameters():  # every parameter, once (seqlm/blocks/plan.py)
+        hits = [k for k in plan if re.fullmatch(k, n)]
+        assert len(hits) == 1, (n, hits)
+        if n.endswith("__lora_B") or n.endswith("__lora_A"):  # LoRA follows its base
+            depth, key = int(n.split(".")[2]), n.split(".")[3]
+            base_name = f"stack.blocks.{depth % 2}." + key.rsplit("__lora_", 1)[0].replace("__", ".") + ".weight"
+            base = [v for k, v in plan.items() if re.fullmatch(k, base_name)]
+            assert len(base) == 1, base_name
+            assert plan[hits[0]] == lora_specs(base[0])[0 if n.endswith("__lora_A") else 1], n
 
 
 # -- CLI ---------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ import re
 import pytest
 import torch
 
+from seqlm.blocks.plan import Split, as_spec, local_ranges
+
 from seqlm import registry
 
 D, B, T = 32, 2, 12
@@ -103,15 +105,18 @@ def test_two_chunks_with_state(name, split):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_tp_plan_covers_2d_weights(name):
+def test_tp_plan_covers_every_parameter(name):
     blk = make(name, torch.float32)
-    plan = blk.tp_plan()
-    assert all(v in ("column", "row", "replicate") for v in plan.values()), plan
-    for pname, p in blk.named_parameters():
-        if p.dim() == 2:
+    for tp in (1, 2):
+        plan = {k: as_spec(v) for k, v in blk.tp_plan(tp).items()}
+        for pname, p in blk.named_parameters():
             hits = [k for k in plan if re.fullmatch(k, pname)]
-            assert hits, f"{name}: tp_plan does not cover 2-D weight {pname!r}"
+            assert hits, f"{name}: tp_plan does not cover parameter {pname!r}"
             assert len(hits) == 1, f"{name}: {pname!r} matched by several plan entries {hits}"
+            spec = plan[hits[0]]
+            if isinstance(spec, Split):  # parts add up and cut evenly over tp ranks
+                rng = local_ranges(spec, p.shape[spec.dim], tp, tp - 1)
+                assert all(0 <= a < b <= p.shape[spec.dim] for a, b, _ in rng)
 
 
 def test_pattern_chars_unique_and_registered():
@@ -164,3 +169,24 @@ def test_ssm_config_variants_forward_equals_steps(name, extra, bias, conv_bias, 
     (y * torch.randn_like(y)).sum().backward()
     assert all(p.grad is not None for p in blk.parameters())
     assert (blk.conv_bias is not None) == conv_bias and (blk.in_proj.bias is not None) == bias
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_empty_input(name):
+    """T=0: every block returns an empty (B, 0, D) output (Mamba-2 raised IndexError /
+    ZeroDivisionError and H3 a math domain error in its FFT conv), keeps the state it was
+    given, and gradients still flow (all zero)."""
+    blk = make(name, torch.float32)
+    x = torch.zeros(B, 0, D, requires_grad=True)
+    y, st = blk(x)
+    assert y.shape == (B, 0, D) and st is None
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    with torch.no_grad():
+        s0 = blk.init_state(B, 8, x.device, x.dtype)
+        y, s1 = blk(torch.zeros(B, 0, D), s0)
+        assert y.shape == (B, 0, D)
+        xs = torch.randn(B, 3, D)
+        ref, _ = blk(xs, blk.init_state(B, 8, x.device, x.dtype))
+        got, _ = blk(xs, s1)  # the state after nothing is the initial state
+    torch.testing.assert_close(got, ref)

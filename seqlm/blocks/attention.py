@@ -9,6 +9,7 @@ from pydantic import Field
 from torch import nn
 
 from seqlm.blocks.base import Block, BlockConfig
+from seqlm.blocks.plan import Part, Split
 from seqlm.ops.attention import attention
 from seqlm.ops.rope import RotaryCache
 from seqlm.registry import register
@@ -40,6 +41,13 @@ class AttentionConfig(BlockConfig):
         if self.rotary_dim is not None and (self.rotary_dim % 2 or self.rotary_dim > hd):
             out.append(("rotary_dim", f"must be even and <= the head dim {hd}, got {self.rotary_dim}"))
         return out
+
+    def tp_check(self, d_model: int, tp: int) -> list[tuple[str, str]]:
+        if self.n_heads % tp:
+            return [("n_heads", f"{self.n_heads} heads do not split over tp_size={tp}")]
+        if (self.n_kv_heads or self.n_heads) % tp:
+            return [("n_kv_heads", f"{self.n_kv_heads} kv heads do not split over tp_size={tp}")]
+        return []
 
 
 @register("attention", char="*")
@@ -99,6 +107,13 @@ class Attention(Block):
         return {"k": torch.zeros(shape, device=device, dtype=dtype),
                 "v": torch.zeros(shape, device=device, dtype=dtype), "pos": 0}
 
-    def tp_plan(self):
-        # qkv rows are grouped [q heads | k heads | v heads]; AutoTP shards each group by head
-        return {r"qkv_proj\.weight": "column", r"out_proj\.weight": "row"}
+    # -- tensor parallelism (seqlm/parallel): query heads and GQA kv heads split ----------
+    def tp_plan(self, tp: int = 1):
+        # qkv rows are [q heads | k heads | v heads]: each group is cut by whole heads
+        q, kv = Part(self.n_heads * self.hd, self.hd), Part(self.n_kv * self.hd, self.hd)
+        qkv = Split(0, (q, kv, kv))
+        return {r"qkv_proj\.(weight|bias)": qkv, r"out_proj\.weight": Split(1, (q,)),
+                r"out_proj\.bias": "replicate"}
+
+    def tp_local(self, tp: int):
+        return {"n_heads": self.n_heads // tp, "n_kv": self.n_kv // tp}

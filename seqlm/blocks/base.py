@@ -24,6 +24,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from seqlm.blocks.plan import Spec
+
 
 class BlockConfig(BaseModel):
     """Base of every block's config. Subclasses add ``type: Literal["name"] = "name"``."""
@@ -32,6 +34,10 @@ class BlockConfig(BaseModel):
 
     def check(self, d_model: int) -> list[tuple[str, str]]:
         """Checks that need the model width: a list of (field, reason); empty when valid."""
+        return []
+
+    def tp_check(self, d_model: int, tp: int) -> list[tuple[str, str]]:
+        """Checks that the block shards over ``tp`` tensor-parallel ranks: (field, reason)s."""
         return []
 
 
@@ -44,6 +50,11 @@ class Block(nn.Module):
     #: names of Linear submodules that write into the residual stream; they get the
     #: GPT-2 style scaled init std / sqrt(2 * n_layers)
     residual_out: ClassVar[tuple[str, ...]] = ("out_proj",)
+    #: names (paths inside the block) of parameters trained without weight decay whatever
+    #: their shape: a block's SSM parameters (A, dt, D, ...), as the papers' reference code
+    #: trains them. The optimizer (seqlm/train/optim.py) reads this; 1-D parameters (norms,
+    #: biases) never decay anyway.
+    no_weight_decay: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: BlockConfig, d_model: int):
         super().__init__()
@@ -66,12 +77,26 @@ class Block(nn.Module):
         """One token: ``x_t`` (B, 1, D). Default: forward over one token."""
         return self.forward(x_t, state)
 
-    def tp_plan(self) -> dict[str, str]:
-        """Parameter-name regex -> "column" (shard dim 0) | "row" (shard dim 1) | "replicate".
+    def tp_plan(self, tp: int = 1) -> dict[str, Spec]:
+        """Parameter-name regex -> how it shards over ``tp`` ranks (seqlm/blocks/plan.py:
+        "column" | "row" | "replicate" | Split(dim, parts) | Replicate(grad_sum)).
 
-        Must cover every 2-D weight of the block (checked by the registry-wide test).
+        Must cover every parameter of the block (checked by the registry-wide test).
         """
         return {}
+
+    def tp_local(self, tp: int) -> dict[str, int]:
+        """Attributes whose values are per-rank sizes once sharded over ``tp`` ranks (heads,
+        inner width): seqlm/parallel sets them, so the same forward runs on the shards."""
+        return {}
+
+    def tp_reduce(self, tp: int) -> dict[str, str]:
+        """Submodules whose outputs are partial sums over the TP ranks, by path:
+        "row": a row-parallel Linear whose output enters replicated compute (all-reduce
+        forward, identity backward); "row_grad": one whose output feeds sharded compute
+        again (all-reduce forward and backward); "norm": a gated RMSNorm whose groups span
+        ranks (its statistics are all-reduced)."""
+        return {name: "row" for name in self.residual_out}
 
     # -- initialisation ------------------------------------------------------------
     def init_weights(self, n_layers: int = 1, std: float = 0.02) -> None:

@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from seqlm.blocks.base import Block, BlockConfig
+from seqlm.blocks.plan import Part, Split
 from seqlm.ops.conv import causal_conv1d_step, causal_conv1d_tokens
 from seqlm.ops.selective_scan import selective_scan, selective_scan_step
 from seqlm.registry import register
@@ -54,10 +55,18 @@ class MambaConfig(BlockConfig):
             return [("dt_rank", f"must be <= expand*d_model={d_inner}, got {self.dt_rank}")]
         return []
 
+    def tp_check(self, d_model: int, tp: int) -> list[tuple[str, str]]:
+        if (self.expand * d_model) % tp:
+            return [("expand", f"d_inner={self.expand * d_model} does not split over tp_size={tp}")]
+        return []
+
 
 @register("mamba", char="M")
 class Mamba(Block):
     Config = MambaConfig
+
+    #: SSM parameters without weight decay (the reference tags A_log and D ``_no_weight_decay``)
+    no_weight_decay = ("A_log", "D", "dt_proj.bias")
 
     def __init__(self, cfg: MambaConfig, d_model: int):
         super().__init__(cfg, d_model)
@@ -124,8 +133,18 @@ class Mamba(Block):
         return {"conv": torch.zeros(batch, self.d_inner, self.cfg.d_conv - 1, device=device, dtype=dtype),
                 "ssm": torch.zeros(batch, self.d_inner, self.N, device=device, dtype=dtype)}
 
-    def tp_plan(self):
-        # channels (d_inner) are sharded: in_proj/dt_proj/conv/A_log by output rows, x_proj and
-        # out_proj by input columns (their outputs are all-reduced)
-        return {r"in_proj\.weight": "column", r"conv_weight": "column", r"dt_proj\.weight": "column",
-                r"A_log": "column", r"x_proj\.weight": "row", r"out_proj\.weight": "row"}
+    # -- tensor parallelism (seqlm/parallel): channels (d_inner) split ----------------------
+    def tp_plan(self, tp: int = 1):
+        # in_proj rows are [x | z]; conv, dt_proj, A_log, D follow their channels; x_proj and
+        # out_proj read channels (row-parallel): their outputs are all-reduced (tp_reduce)
+        n = self.d_inner
+        return {r"in_proj\.(weight|bias)": Split(0, (Part(n), Part(n))), r"conv_(weight|bias)": "column",
+                r"dt_proj\.(weight|bias)": "column", r"(A_log|D)": "column", r"x_proj\.weight": "row",
+                r"out_proj\.weight": "row", r"out_proj\.bias": "replicate"}
+
+    def tp_local(self, tp: int):
+        return {"d_inner": self.d_inner // tp}
+
+    def tp_reduce(self, tp: int):
+        # dt, B and C must see every channel, and feed sharded compute again
+        return {"out_proj": "row", "x_proj": "row_grad"}

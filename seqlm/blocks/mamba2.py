@@ -17,7 +17,8 @@ from torch import nn
 
 from seqlm.blocks.base import Block, BlockConfig
 from seqlm.ops.conv import causal_conv1d_step, causal_conv1d_tokens
-from seqlm.ops.norm import RMSNorm, gated_rms_norm
+from seqlm.blocks.plan import Part, Split
+from seqlm.ops.norm import GatedRMSNorm, ScaledLinear
 from seqlm.ops.ssd import ssd_scan, ssd_step
 from seqlm.registry import register
 
@@ -65,10 +66,21 @@ class Mamba2Config(BlockConfig):
             return [("ngroups", f"must divide the number of heads {heads}, got {self.ngroups}")]
         return []
 
+    def tp_check(self, d_model: int, tp: int) -> list[tuple[str, str]]:
+        heads = self.expand * d_model // self.head_dim
+        if heads % tp:
+            return [("head_dim", f"{heads} heads do not split over tp_size={tp}")]
+        if self.ngroups % tp and self.ngroups != 1:
+            return [("ngroups", f"must be 1 (B/C replicated) or a multiple of tp_size={tp}, got {self.ngroups}")]
+        return []
+
 
 @register("mamba2", char="2")
 class Mamba2(Block):
     Config = Mamba2Config
+
+    #: SSM parameters without weight decay (the reference tags A_log, dt_bias and D)
+    no_weight_decay = ("A_log", "dt_bias", "D")
 
     def __init__(self, cfg: Mamba2Config, d_model: int):
         super().__init__(cfg, d_model)
@@ -82,8 +94,8 @@ class Mamba2(Block):
         self.A_log = nn.Parameter(torch.empty(self.H))
         self.dt_bias = nn.Parameter(torch.empty(self.H))
         self.D = nn.Parameter(torch.empty(self.H))
-        self.norm = RMSNorm(self.d_inner, cfg.norm_eps)
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=cfg.bias)
+        self.norm = GatedRMSNorm(self.d_inner, cfg.norm_eps)
+        self.out_proj = ScaledLinear(self.d_inner, d_model, bias=cfg.bias)
         self.init_weights()
 
     def init_weights(self, n_layers: int = 1, std: float = 0.02) -> None:
@@ -119,9 +131,8 @@ class Mamba2(Block):
         activations (and their gradients)."""
         group = self.d_inner // self.G
         if y.numel() >= self.out_proj.weight.numel():
-            n = gated_rms_norm(y, z, None, self.norm.eps, group)
-            return F.linear(n, self.out_proj.weight * self.norm.weight, self.out_proj.bias)
-        return self.out_proj(gated_rms_norm(y, z, self.norm.weight, self.norm.eps, group))
+            return self.out_proj(self.norm(y, z, group, scale=False), scale=self.norm.weight)
+        return self.out_proj(self.norm(y, z, group))
 
     # -- the interface ------------------------------------------------------------------
     def forward(self, x, state=None, seq_idx=None):
@@ -158,6 +169,24 @@ class Mamba2(Block):
         return {"conv": torch.zeros(batch, self.conv_dim, self.cfg.d_conv - 1, device=device, dtype=dtype),
                 "ssm": torch.zeros(batch, self.H, self.P, self.N, device=device, dtype=dtype)}
 
-    def tp_plan(self):
-        # in_proj rows are [z | x | B | C | dt]; AutoTP shards each part by head/group
-        return {r"in_proj\.weight": "column", r"conv_weight": "column", r"out_proj\.weight": "row"}
+    # -- tensor parallelism (seqlm/parallel): heads split; B/C by group, or replicated ------
+    def _bc_unit(self, tp: int) -> int:
+        return self.N if self.G % tp == 0 else 0  # 0: every rank holds all of B and C
+
+    def tp_plan(self, tp: int = 1):
+        di, gn = self.d_inner, self.G * self.N
+        ch = (Part(di, self.P), Part(gn, self._bc_unit(tp)), Part(gn, self._bc_unit(tp)))  # [x|B|C]
+        proj = Split(0, (Part(di, self.P),) + ch + (Part(self.H),))                      # [z|x|B|C|dt]
+        inner = Split(0, (Part(di, self.P),))
+        return {r"in_proj\.(weight|bias)": proj, r"conv_(weight|bias)": Split(0, ch),
+                r"(A_log|dt_bias|D)": "column", r"norm\.weight": inner,
+                r"out_proj\.weight": Split(1, (Part(di, self.P),)), r"out_proj\.bias": "replicate"}
+
+    def tp_local(self, tp: int):
+        G = self.G // tp if self._bc_unit(tp) else self.G
+        di = self.d_inner // tp
+        return {"d_inner": di, "H": self.H // tp, "G": G, "conv_dim": di + 2 * G * self.N}
+
+    def tp_reduce(self, tp: int):
+        # ngroups not split: a norm group spans every rank's channels
+        return {"out_proj": "row", **({"norm": "norm"} if tp > 1 and not self._bc_unit(tp) else {})}

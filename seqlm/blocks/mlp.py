@@ -22,6 +22,10 @@ class MLPConfig(BlockConfig):
     )
     bias: bool = Field(False, description="Bias in the linear layers.")
 
+    def tp_check(self, d_model: int, tp: int) -> list[tuple[str, str]]:
+        h = self.hidden or (4 * d_model if self.kind == "gelu" else ((8 * d_model // 3) + 63) // 64 * 64)
+        return [("hidden", f"{h} does not split over tp_size={tp}")] if h % tp else []
+
 
 @register("mlp", char="-")
 class MLP(Block):
@@ -52,5 +56,6 @@ class MLP(Block):
             h = F.silu(self.gate_proj(x)) * self.up_proj(x)
         return self.out_proj(h), state
 
-    def tp_plan(self):
-        return {r"(up|gate)_proj\.weight": "column", r"out_proj\.weight": "row"}
+    def tp_plan(self, tp: int = 1):
+        return {r"(up|gate)_proj\.(weight|bias)": "column", r"out_proj\.weight": "row",
+                r"out_proj\.bias": "replicate"}

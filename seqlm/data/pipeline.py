@@ -100,11 +100,16 @@ def encode_chunk(tok: Tokenizer, chunk: Chunk, text_field: str, separator: Optio
 _WORKER: dict = {}
 
 
-def _init_worker(tok: Tokenizer) -> None:
-    if "torch" in sys.modules:
+def _init_worker(tok: Tokenizer, pool: bool = True) -> None:
+    """One thread per worker: torch, sentencepiece's batch encoder, HF tokenizers' thread pool
+    (the environment of a pool worker only: this process's is left alone)."""
+    if pool:
+        os.environ["RAYON_NUM_THREADS"] = "1"
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if pool and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
     tok = copy.copy(tok)
-    tok.num_threads = 1  # sentencepiece's batch encoder: one thread per worker
+    tok.num_threads = 1
     _WORKER["tok"] = tok
 
 
@@ -136,7 +141,7 @@ def _results(chunks: list[Chunk], tok: Tokenizer, text_field: str, separator: Op
              dtype: str, workers: int) -> Iterator[tuple]:
     """encode_chunk's results in chunk order, from ``workers`` processes (bounded in flight)."""
     if workers <= 1 or len(chunks) <= 1:
-        _init_worker(tok)
+        _init_worker(tok, pool=False)
         for c in chunks:
             yield _work(c, text_field, separator, dtype)
         return

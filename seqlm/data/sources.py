@@ -22,9 +22,22 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 SUPPORTED = (".txt", ".jsonl", ".parquet", ".arrow")
-# the project root (holds data/ and tokenizers/): relative paths that do not exist from the
-# current directory are looked up here too, so `seqlm train` works from any directory
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# the source checkout seqlm runs from (holds data/ and tokenizers/), or None for an installed
+# (non-editable) package: relative paths that do not exist from the current directory are
+# looked up there too, so `seqlm train` works from any directory of a checkout
+
+
+def _source_checkout() -> "Path | None":
+    root = Path(__file__).resolve().parents[2]
+    pyproject = root / "pyproject.toml"
+    try:
+        ok = pyproject.is_file() and 'name = "seqlm"' in pyproject.read_text()
+    except (OSError, UnicodeDecodeError):
+        ok = False
+    return root if ok else None
+
+
+PROJECT_ROOT = _source_checkout()
 
 PathLike = Union[str, os.PathLike]
 
@@ -32,7 +45,7 @@ PathLike = Union[str, os.PathLike]
 def resolve_path(path: PathLike) -> Path:
     """``path`` as given if it exists, else relative to the project root if it exists there."""
     p = Path(path).expanduser()
-    if not p.exists() and not p.is_absolute() and (PROJECT_ROOT / p).exists():
+    if not p.exists() and not p.is_absolute() and PROJECT_ROOT is not None and (PROJECT_ROOT / p).exists():
         return PROJECT_ROOT / p
     return p
 
@@ -47,7 +60,7 @@ def expand_files(patterns: Sequence[PathLike], field: str = "data.files") -> lis
         pat = str(pat)
         if glob.has_magic(pat):
             hits = sorted(glob.glob(pat, recursive=True))
-            if not hits and not Path(pat).is_absolute():
+            if not hits and not Path(pat).is_absolute() and PROJECT_ROOT is not None:
                 hits = sorted(glob.glob(str(PROJECT_ROOT / pat), recursive=True))
             paths = []
             for h in hits:
@@ -57,7 +70,10 @@ def expand_files(patterns: Sequence[PathLike], field: str = "data.files") -> lis
         else:
             p = resolve_path(pat)
             if not p.exists():
-                raise FileNotFoundError(f"{field}: file {pat!r} not found")
+                where = "" if PROJECT_ROOT is not None or Path(pat).is_absolute() else (
+                    " (relative to the current directory: this seqlm is an installed package, not a "
+                    "source checkout, so the repository's data/ is not looked up)")
+                raise FileNotFoundError(f"{field}: file {pat!r} not found{where}")
             paths = expand_dir(p, field) if p.is_dir() else [p]
             if not p.is_dir() and not p.is_file():
                 raise ValueError(f"{field}: {pat!r} is not a file")

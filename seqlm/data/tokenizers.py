@@ -137,6 +137,10 @@ def load_tokenizer(directory) -> Tokenizer:
         tok: Tokenizer = CharTokenizer(spec.get("chars") or [])
     elif kind == "byte":
         tok = ByteTokenizer()
+    elif kind == "ids":  # a synthetic task's ids (seqlm/data/tasks.py)
+        from seqlm.data.tasks import IdTokenizer
+
+        tok = IdTokenizer(int(spec.get("vocab_size", 0)))
     elif kind == "sentencepiece":
         tok = SentencePieceTokenizer.from_file(d / spec.get("model_file", SentencePieceTokenizer.MODEL_FILE),
                                                field=f"tokenizer {str(d)!r}")
@@ -145,7 +149,7 @@ def load_tokenizer(directory) -> Tokenizer:
 
         tok = HFTokenizer.from_spec(d, spec)
     else:
-        raise ValueError(f"tokenizer {str(spec_path)!r}: unknown type {kind!r}; known: char, byte, sentencepiece, hf")
+        raise ValueError(f"tokenizer {str(spec_path)!r}: unknown type {kind!r}; known: char, byte, sentencepiece, hf, ids")
     fp = spec.get("fingerprint")
     if fp is not None and fp != tok.fingerprint():
         raise ValueError(f"tokenizer {str(d)!r}: files do not match the fingerprint in tokenizer.json (corrupted?)")

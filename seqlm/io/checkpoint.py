@@ -353,9 +353,28 @@ def load_weights(model: torch.nn.Module, path, strict: bool = True) -> tuple[lis
         missing, unexpected = _st_load_model(_unwrap(model), str(f), strict=strict)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"checkpoint {str(d)!r}: model.safetensors is corrupt or truncated ({e})") from None
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {str(d)!r}: weights do not fit the model: {e}") from None
+    except RuntimeError:
+        raise CheckpointError(f"checkpoint {str(d)!r}: weights do not fit the model: {_misfit(model, f)} "
+                              f"(is the model config the checkpoint's own config.yaml?)") from None
     return list(missing), list(unexpected)
+
+
+def _misfit(model, f: Path) -> str:
+    """A one-line summary of how a weights file and a model differ."""
+    from safetensors import safe_open
+
+    with safe_open(str(f), framework="pt") as h:
+        shapes = {k: tuple(h.get_slice(k).get_shape()) for k in h.keys()}
+    sd, ptrs, want = _unwrap(model).state_dict(), set(), {}
+    for k, v in sd.items():  # tied tensors are stored once: count each storage once
+        if v.data_ptr() not in ptrs or k in shapes:
+            want[k] = tuple(v.shape)
+        ptrs.add(v.data_ptr())
+    probs = [f"{k}: file {shapes[k]} vs model {want[k]}" for k in want if k in shapes and shapes[k] != want[k]]
+    probs += [f"{k} missing from the file" for k in want if k not in shapes]
+    probs += [f"{k} not in the model" for k in shapes if k not in want]
+    more = f" and {len(probs) - 3} more" if len(probs) > 3 else ""
+    return "; ".join(probs[:3]) + more
 
 
 def load_model(path, device="cpu", overrides: list[str] = ()):

@@ -39,7 +39,7 @@ def is_hf_dir(path) -> bool:
 def load_any(path, device="cpu", dtype=None, overrides=()):
     """-> (model, RunConfig, tokenizer), model in eval mode, from a seqlm checkpoint or a local
     Hugging Face model directory (converted in memory; ``seqlm convert from-hf`` saves it)."""
-    p = Path(path)
+    p = Path(path).expanduser()
     dt = _dtype(dtype)
     if is_hf_dir(p):
         if overrides:

@@ -213,8 +213,8 @@ class HMT(LM):
         h, state = self.hidden(token, state)
         return self.head(h), state
 
-    def tp_plan(self) -> dict[str, str]:
-        plan = super().tp_plan()
+    def tp_plan(self, tp: int = 1) -> dict:
+        plan = super().tp_plan(tp)
         plan[r"memory\..*"] = "replicate"  # tiny: initial memory, recall token, W_q, W_k
         return plan
 

@@ -22,8 +22,18 @@ except Exception:  # noqa: BLE001 - any import failure means "not available"
     _flash_attn_func = _flash_varlen = None
 
 
-def use_flash(q: torch.Tensor) -> bool:
-    return _flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+FLASH_MAX_HEAD_DIM = 256  # flash_api.cpp: head dimension at most 256
+
+
+def use_flash(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> bool:
+    """flash-attn imports, q is on CUDA and its contract holds (csrc/flash_attn/flash_api.cpp):
+    fp16/bf16 q, k and v of one dtype, head dim <= 256, query heads a multiple of KV heads."""
+    if _flash_attn_func is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if k is None:
+        return True
+    return (k.dtype == q.dtype and (v is None or v.dtype == q.dtype) and q.shape[-1] <= FLASH_MAX_HEAD_DIM
+            and k.shape[-1] == q.shape[-1] and q.shape[1] % k.shape[1] == 0)
 
 
 def _mask(Tq: int, Tk: int, q_offset: int, window: int | None, device) -> torch.Tensor:
@@ -85,13 +95,13 @@ def attention(q, k, v, q_offset: int = 0, window: int | None = None, seq_idx=Non
     B, H, Tq, hd = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     if seq_idx is not None:
-        if use_flash(q) and _flash_varlen is not None and q_offset == 0 and Tq == Tk:
+        if use_flash(q, k, v) and _flash_varlen is not None and q_offset == 0 and Tq == Tk:
             return _flash_docs(q, k, v, window, seq_idx)
         if window is None and q_offset == 0 and Tq == Tk:
             return _sdpa_docs(q, k, v, seq_idx)
         mask = _doc_mask(Tq, Tk, q_offset, window, seq_idx)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)
-    if use_flash(q) and Tk == q_offset + Tq:
+    if use_flash(q, k, v) and Tk == q_offset + Tq:
         out = _flash_attn_func(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
             window_size=(window - 1, 0) if window else (-1, -1),

@@ -20,8 +20,36 @@ except Exception:  # noqa: BLE001
     _cc1d_fn = None
 
 
-def use_cuda_conv(x: torch.Tensor) -> bool:
-    return _cc1d_fn is not None and x.is_cuda
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def use_cuda_conv(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                  activation: Optional[str] = None) -> bool:
+    """causal-conv1d is importable, the tensors live on CUDA and its contract holds
+    (csrc/causal_conv1d.cpp): width 2-4, fp32/fp16/bf16 input and weight, bias of the
+    weight's dtype, activation None or silu. Layout is fixed by :func:`kernel_layout`."""
+    if _cc1d_fn is None or not x.is_cuda:
+        return False
+    if weight is None:
+        return True
+    return (2 <= weight.shape[1] <= 4 and x.dtype in KERNEL_DTYPES and weight.dtype in KERNEL_DTYPES
+            and (bias is None or bias.dtype == weight.dtype) and activation in (None, "silu"))
+
+
+def kernel_layout(x: torch.Tensor) -> torch.Tensor:
+    """x (B, C, L) as causal-conv1d accepts it: channel-first (stride(2) == 1) as is;
+    channel-last (stride(1) == 1) only with C, stride(0) and stride(2) multiples of 8 (else a
+    compact copy: channel-last when C % 8 == 0, channel-first otherwise); any other layout
+    is made contiguous (as the package's Python wrapper would)."""
+    B, C, L = x.shape
+    if x.stride(2) == 1:
+        return x
+    if x.stride(1) == 1 and x.stride(2) > 1:
+        if C % 8 == 0 and x.stride(2) % 8 == 0 and x.stride(0) % 8 == 0:
+            return x
+        if C % 8 == 0:
+            return x.transpose(1, 2).contiguous().transpose(1, 2)
+    return x.contiguous()
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -29,8 +57,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """Returns (y, new_state); new_state is None when ``state`` is None."""
     B, C, L = x.shape
     K = weight.shape[1]
-    if state is None and use_cuda_conv(x):
-        return _cc1d_fn(x, weight, bias, activation=activation), None
+    if state is None and use_cuda_conv(x, weight, bias, activation):
+        return _cc1d_fn(kernel_layout(x), weight, bias, activation=activation), None
     xp = torch.cat([state.to(x.dtype), x], dim=-1) if state is not None else F.pad(x, (K - 1, 0))
     # K shifted multiply-adds: on CPU ~8x faster forward+backward than a grouped F.conv1d
     # (whose depthwise backward is very slow there), and the same on GPU.
@@ -119,13 +147,13 @@ def causal_conv1d_tokens(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     output t reads only inputs of its own document (the state counts as document 0); the new
     state is the last K-1 inputs of the window's last document (zeros for earlier documents'
     positions), which a later call continues as its document 0."""
-    if seq_idx is not None and not (use_cuda_conv(x) and state is None):
+    cuda = state is None and use_cuda_conv(x, weight, bias, activation)
+    if seq_idx is not None and not cuda:
         return _conv_tokens_docs(x, weight, bias, state, activation, seq_idx)
-    if use_cuda_conv(x):
-        if seq_idx is not None:  # causal-conv1d takes seq_idx on channel-last input
-            y = _cc1d_fn(x.transpose(1, 2), weight, bias, seq_idx=seq_idx.to(torch.int32),
-                         activation=activation)
-            return y.transpose(1, 2), None
+    if cuda and seq_idx is not None:  # causal-conv1d takes seq_idx on channel-last input
+        y = _cc1d_fn(x.transpose(1, 2), weight, bias, seq_idx=seq_idx.to(torch.int32), activation=activation)
+        return y.transpose(1, 2), None
+    if cuda:
         y, st = causal_conv1d(x.transpose(1, 2), weight, bias, state, activation)
         return y.transpose(1, 2), st
     if activation not in (None, "silu"):

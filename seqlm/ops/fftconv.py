@@ -23,6 +23,8 @@ STEPS = 1  # fft_conv_docs buckets: 2^STEPS sizes per octave
 def fft_conv(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None) -> torch.Tensor:
     """u (B, C, L) real, k (C, L) real, D (C,) -> (B, C, L)."""
     L = u.shape[-1]
+    if L == 0:
+        return u * 0
     work = torch.float64 if u.dtype == torch.float64 else torch.float32
     n = 2 * L
     uf = torch.fft.rfft(u.to(work), n=n)
@@ -90,6 +92,8 @@ def diag_ssm_kernel(log_a: torch.Tensor, w: torch.Tensor, L: int, block: int | N
     Q ~ sqrt(L). Memory O(C (N sqrt(L) + L)) instead of O(C N L), forward and backward.
     """
     real = torch.float64 if log_a.dtype == torch.complex128 else torch.float32
+    if L == 0:
+        return w.real[:, :0].to(real)  # (C, 0)
     Q = block or max(16, 1 << math.ceil(math.log2(math.sqrt(L))))
     Q = min(Q, L)
     nb = -(-L // Q)

@@ -18,6 +18,14 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+class ScaledLinear(nn.Linear):
+    """A Linear whose call may scale the weight's input columns: ``x @ (W * scale)^T + b``
+    (Mamba-2 folds its gated norm's weight into out_proj this way)."""
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, self.weight if scale is None else self.weight * scale, self.bias)
+
+
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
@@ -107,3 +115,16 @@ def gated_rms_norm_ref(x, z, weight, eps, group=None):
     gv = g.reshape(*g.shape[:-1], -1, group)
     n = (gv * torch.rsqrt(gv.pow(2).mean(-1, keepdim=True) + eps)).reshape(g.shape)
     return n if weight is None else n * weight
+
+
+class GatedRMSNorm(nn.Module):
+    """:func:`gated_rms_norm` with its weight as a module (``scale=False`` skips the weight,
+    for a caller that folds it into the next matmul)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x, z, group: int | None = None, scale: bool = True):
+        return gated_rms_norm(x, z, self.weight if scale else None, self.eps, group)

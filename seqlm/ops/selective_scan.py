@@ -43,9 +43,29 @@ LOG2E = 1.4426950408889634
 DEFAULT_CHUNK = 64  # fits the per-chunk (Q, b, Dm, N) buffers in cache for Dm*N ~ 8k
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_MAX_STATE = 256  # csrc/selective_scan/selective_scan.cpp: dstate <= 256
+
+
 def _use_cuda_kernel(*tensors: Tensor) -> bool:
     """True when mamba-ssm's selective_scan_fn imports and every tensor lives on CUDA."""
     return _ssfn is not None and all(t.is_cuda for t in tensors)
+
+
+def _cuda_kernel_takes(u: Tensor, A: Tensor) -> bool:
+    """The kernel's contract beyond the device: fp32/fp16/bf16 input, a real A with at most
+    256 states (the other dtypes are matched in :func:`_cuda_args`)."""
+    return u.dtype in KERNEL_DTYPES and not A.is_complex() and A.shape[1] <= KERNEL_MAX_STATE
+
+
+def _cuda_args(u, delta, A, B, C, D, z, delta_bias):
+    """Arguments as selective_scan_fn's checks want them: delta, B, C, z in u's dtype (the
+    input type), A, D and the delta bias in fp32 (the weight type; D and bias must be fp32);
+    u, delta, z (b, Dm, L) and B, C (b, N, L) with the last stride 1 (the wrapper would copy)."""
+    it = u.dtype
+    f = lambda t: None if t is None else t.float()  # noqa: E731
+    ch = lambda t: None if t is None else t.to(it).transpose(1, 2).contiguous()  # noqa: E731
+    return ch(u), ch(delta), A.float(), ch(B), ch(C), f(D), ch(z), f(delta_bias)
 
 
 def _chunk_states(dA: Tensor, dBu: Tensor, h: Tensor) -> Tensor:
@@ -105,7 +125,13 @@ class _ScanFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, gh_last):
-        u, delta, A, B, C, H, D, z, bias, keep = ctx.saved_tensors
+        saved = ctx.saved_tensors  # unpacked once: activation checkpointing allows no second unpack
+        with torch.autocast(saved[0].device.type, enabled=False):  # fp32, like forward
+            return _ScanFn._backward(ctx, saved, gy, gh_last)
+
+    @staticmethod
+    def _backward(ctx, saved, gy, gh_last):
+        u, delta, A, B, C, H, D, z, bias, keep = saved
         Q, softplus = ctx.Q, ctx.softplus
         L, b, Dm = u.shape
         gu, gdelta = torch.empty_like(u), torch.empty_like(delta)
@@ -177,11 +203,10 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     if delta.shape != u.shape or A.shape[0] != Dm or B.shape != (b, L, N) or C.shape != (b, L, N):
         raise ValueError(f"selective_scan: shapes u {tuple(u.shape)}, delta {tuple(delta.shape)}, "
                          f"A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)} do not agree")
-    if h0 is None and seq_idx is None and _use_cuda_kernel(u, delta, B, C):
-        y, h_last = _ssfn(u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2),
-                          C.transpose(1, 2), D, None if z is None else z.transpose(1, 2),
-                          delta_bias, delta_softplus, return_last_state=True)
-        return y.transpose(1, 2), h_last
+    if h0 is None and seq_idx is None and _use_cuda_kernel(u, delta, B, C) and _cuda_kernel_takes(u, A):
+        cu, cd, cA, cB, cC, cD, cz, cb = _cuda_args(u, delta, A, B, C, D, z, delta_bias)
+        y, h_last = _ssfn(cu, cd, cA, cB, cC, cD, cz, cb, delta_softplus, return_last_state=True)
+        return y.transpose(1, 2), h_last.to(u.dtype)
     work = torch.float64 if u.dtype == torch.float64 else torch.float32
     tm = lambda t: t.transpose(0, 1).to(work).contiguous()  # noqa: E731  (b, L, .) -> (L, b, .)
     if h0 is None:
@@ -192,8 +217,11 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         from seqlm.ops.docs import doc_starts
 
         keep = (~doc_starts(seq_idx)).t().to(work).contiguous()          # (L, b)
-    yT, h_last = _ScanFn.apply(tm(u), tm(delta), A.to(work), tm(B), tm(C), h0.to(work), opt(D),
-                               None if z is None else tm(z), opt(delta_bias), delta_softplus, chunk, keep)
+    # fp32 inside, autocast or not: autocast would run the forward's einsum/matmul in bf16 while
+    # the backward (never under autocast) runs in fp32
+    with torch.autocast(u.device.type, enabled=False):
+        yT, h_last = _ScanFn.apply(tm(u), tm(delta), A.to(work), tm(B), tm(C), h0.to(work), opt(D),
+                                   None if z is None else tm(z), opt(delta_bias), delta_softplus, chunk, keep)
     y = yT.transpose(0, 1).to(u.dtype)
     return y, h_last.to(u.dtype)
 

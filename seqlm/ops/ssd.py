@@ -34,9 +34,14 @@ except Exception:  # noqa: BLE001
     _mcsc = None
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # Triton's tl.dot has no fp64
+
+
 def use_triton_ssd(*tensors) -> bool:
-    """True when mamba-ssm's fused kernel imports and every tensor lives on CUDA."""
-    return _mcsc is not None and all(t.is_cuda for t in tensors)
+    """True when mamba-ssm's fused kernel imports, every tensor lives on CUDA and has a dtype
+    its Triton kernels take (the shapes are checked by :func:`ssd_scan` itself)."""
+    return _mcsc is not None and all(t.is_cuda for t in tensors) and all(
+        getattr(t, "dtype", torch.float32) in KERNEL_DTYPES for t in tensors)
 
 
 def _segsum_exp(cum: Tensor) -> Tensor:
@@ -343,9 +348,17 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
         raise ValueError(f"ssd_scan: groups G={G} must divide heads H={H}")
     if chunk_size <= 0:
         raise ValueError(f"ssd_scan: chunk_size must be > 0, got {chunk_size}")
+    if B.shape != C.shape or B.shape[:2] != x.shape[:2] or dt.shape != x.shape[:3] or A.shape != (H,):
+        raise ValueError(f"ssd_scan: shapes x {tuple(x.shape)}, dt {tuple(dt.shape)}, A {tuple(A.shape)}, "
+                         f"B {tuple(B.shape)}, C {tuple(C.shape)} do not agree")
+    if L == 0:  # nothing to scan: empty output, the state passes through
+        h = h0 if h0 is not None else x.new_zeros(b, H, P, B.shape[3])
+        return x * 0, (h if return_state else None)
     if use_triton_ssd(x, dt, B, C):
-        kw = {} if seq_idx is None else {"seq_idx": seq_idx.to(torch.int32)}
-        y, h_last = _mcsc(x, dt, A, B, C, chunk_size, D=D, initial_states=h0, return_final_states=True, **kw)
+        # mamba_chunk_scan_combined's contract (ssd_combined.py): x (b, L, H, P), dt (b, L, H),
+        # A (H,), B/C (b, L, G, N), D (H,) or (H, P), initial_states (b, H, P, N)
+        y, h_last = _mcsc(x, dt, A.float(), B, C, chunk_size, D=D, initial_states=h0, return_final_states=True,
+                          **({} if seq_idx is None else {"seq_idx": seq_idx.to(torch.int32)}))
         return y, h_last
     Q = min(chunk_size, L)
     if h0 is None and not return_state and L <= chunk_size:

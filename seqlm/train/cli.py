@@ -23,6 +23,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="stop after STEP optimizer steps and write a checkpoint (resume later)")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+    # set by the `deepspeed` launcher (LOCAL_RANK is in the environment too)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted config overrides, e.g. train.lr=3e-4 model.d_model=256")
 
@@ -33,6 +35,9 @@ def run_train(args) -> int:
     from seqlm.io.fsutil import replace_file
     from seqlm.train.loop import train
 
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        args.overrides = [args.resume, *args.overrides]  # `--resume train.lr=1e-4`: an override
+        args.resume = True
     config = args.config
     if config is None and isinstance(args.resume, str):
         config = str(resolve_checkpoint(args.resume) / "config.yaml")
@@ -53,6 +58,8 @@ def run_train(args) -> int:
     replace_file(out / "config.yaml", dump_config(cfg).encode())
     res = train(cfg, resume=args.resume, stop_at=args.stop_at)
     rc = {"SIGINT": 130, "SIGTERM": 143}.get(res.get("signal"), 0)
+    if res.get("rank", 0) != 0:  # multi-rank run: rank 0 reports
+        return rc
     if args.json:
         print(json.dumps({k: v for k, v in res.items() if k != "meta"}, indent=2))
         return rc

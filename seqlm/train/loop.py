@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from seqlm.config import RunConfig
+from seqlm.config import ConfigError, RunConfig
 from seqlm.io import build_model
 from seqlm.io import maybe_init_from
 from seqlm.io.checkpoint import (CheckpointError, clean_stale, find_checkpoint, load_trainer_state,
@@ -88,14 +88,11 @@ def _prepare(cfg: RunConfig, resume):
     from seqlm.data.dataset import load_data
     from seqlm.data.tokenizers import build_tokenizer, load_tokenizer
 
-    ckpt = None
-    if resume:
-        where = Path(cfg.train.out_dir) / "checkpoint" if resume is True else Path(resume)
-        ckpt = find_checkpoint(where)
-        if ckpt is None and resume is not True:
-            raise CheckpointError(f"--resume: no checkpoint at {str(where)!r}")
-        if ckpt is None:
-            print(f"--resume: no checkpoint in {str(where)!r} yet; starting a fresh run")
+    if getattr(cfg.data, "task", None) is not None:  # a synthetic task instead of text
+        from seqlm.data.tasks import load_task
+
+        return (*load_task(cfg.data.task, cfg.train.seq_len), _resume_from(cfg, resume))
+    ckpt = _resume_from(cfg, resume)
     if ckpt is not None:
         tok = _load_tok(ckpt, "--resume")
     elif cfg.train.init_from:
@@ -112,6 +109,20 @@ def _prepare(cfg: RunConfig, resume):
     else:
         tok = build_tokenizer(cfg.data.tokenizer, data=cfg.data)
     return tok, load_data(cfg.data, tok, seq_len=cfg.train.seq_len), ckpt
+
+
+def _resume_from(cfg: RunConfig, resume) -> Optional[Path]:
+    """The checkpoint directory to resume from: None for a fresh run, or for ``resume=True``
+    when out_dir has no checkpoint yet (auto resume); an explicit path must hold one."""
+    if not resume:
+        return None
+    where = Path(cfg.train.out_dir) / "checkpoint" if resume is True else Path(resume)
+    ckpt = find_checkpoint(where)
+    if ckpt is None and resume is not True:
+        raise CheckpointError(f"--resume: no checkpoint at {str(where)!r}")
+    if ckpt is None:
+        print(f"--resume: no checkpoint in {str(where)!r} yet; starting a fresh run")
+    return ckpt
 
 
 def _load_tok(ckpt: Path, what: str):
@@ -158,17 +169,34 @@ def _rng_state(gen: torch.Generator) -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
+def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None, objective=None) -> dict:
     """Train per ``cfg``; ``resume`` = True (the newest checkpoint of out_dir, or a fresh start
     when there is none) or a checkpoint path; ``stop_at`` ends the run after that step with a
     checkpoint (for interrupted runs). Returns final metrics: val_loss, val_ppl, tokens_per_s,
     wall_s, sample, checkpoint (the step directory written last). A run stopped by SIGINT /
-    SIGTERM returns ``stopped: True`` and ``signal``."""
+    SIGTERM returns ``stopped: True`` and ``signal``.
+    ``objective`` (pluggable loss, e.g. seqlm/distill): ``objective.setup(model, device)`` runs
+    once after the model is built, before the optimizer (it may freeze parameters and own extra
+    modules such as a teacher); ``objective.loss(model, x, y)`` then replaces ``model.loss(x, y)``
+    in the training steps. Validation still reports the model's own cross-entropy.
+    Under a multi-rank launcher (deepspeed / torchrun) the DeepSpeed path runs instead
+    (seqlm/train/distributed.py; no ``objective`` there yet)."""
+    from seqlm.parallel.engine import launched
+
+    if launched():
+        from seqlm.train.distributed import train_distributed
+
+        if objective is not None:
+            raise ValueError("a custom objective (seqlm distill) runs single-process only for now")
+        return train_distributed(cfg, resume, stop_at)
+    if cfg.distributed.tp_size > 1:
+        raise ConfigError(f"distributed.tp_size: {cfg.distributed.tp_size} needs that many ranks; start "
+                          f"them with `deepspeed --num_gpus N train.py ...` or `torchrun --nproc_per_node N ...`")
     with _StopSignals() as sig:
-        return _train(cfg, resume, stop_at, sig)
+        return _train(cfg, resume, stop_at, sig, objective)
 
 
-def _train(cfg: RunConfig, resume, stop_at: Optional[int], sig: _StopSignals) -> dict:
+def _train(cfg: RunConfig, resume, stop_at: Optional[int], sig: _StopSignals, objective=None) -> dict:
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -181,6 +209,8 @@ def _train(cfg: RunConfig, resume, stop_at: Optional[int], sig: _StopSignals) ->
     torch.manual_seed(tc.seed)
     model = build_model(cfg, tok.vocab_size).to(device)
     model.set_activation_checkpointing(tc.activation_checkpointing, tc.activation_checkpoint_k)
+    if objective is not None:
+        objective.setup(model, device)
     opt = make_optimizer(model, tc)
     gen = torch.Generator().manual_seed(tc.seed)
     step, bad_total, bad_run = 0, 0, 0
@@ -246,7 +276,10 @@ def _train(cfg: RunConfig, resume, stop_at: Optional[int], sig: _StopSignals) ->
             for _ in range(tc.grad_accum):
                 x, y, seq_idx = _unpack(data.get_batch("train", tc.batch_size, tc.seq_len, gen, device))
                 with autocast(device, amp):
-                    loss = _loss(fwd, x, y, seq_idx) if fwd is model else _compiled_loss(fwd, x, y, seq_idx)
+                    if objective is not None:
+                        loss = objective.loss(fwd, x, y) if seq_idx is None else objective.loss(fwd, x, y, seq_idx=seq_idx)
+                    else:
+                        loss = _loss(fwd, x, y, seq_idx) if fwd is model else _compiled_loss(fwd, x, y, seq_idx)
                 (loss / tc.grad_accum).backward()
                 loss_sum += loss.item()
             loss_val = loss_sum / tc.grad_accum
@@ -322,7 +355,8 @@ def _train(cfg: RunConfig, resume, stop_at: Optional[int], sig: _StopSignals) ->
         prompt = torch.tensor(tok.encode(cfg.eval.sample_prompt) or [tok.eos_id], device=device)
         ids = model.generate(prompt, cfg.eval.sample_tokens, cfg.eval.temperature, cfg.eval.top_k,
                              cfg.eval.top_p, seed=tc.seed)
-        sample = tok.decode(ids.tolist())
+        # the sample echoes its prompt (decoded with it, so a multi-token prompt stays whole)
+        sample = tok.decode((prompt.tolist() if cfg.eval.sample_prompt else []) + ids.tolist())
     return {"step": step, "train_loss": loss_val, "val_loss": val_loss, "val_ppl": math.exp(val_loss),
             "tokens_per_s": trained_tps, "wall_s": wall, "n_params": n_params, "sample": sample,
             "checkpoint": str(path), "meta": read_meta(path), "bad_steps": bad_total}

@@ -28,10 +28,17 @@ def _floats(text: str, field: str) -> list[float]:
     return out
 
 
+def run_name(checkpoint) -> str:
+    from seqlm.eval.cli import run_name as name
+
+    return name(checkpoint)
+
+
 def _load(args):
-    from seqlm.eval.cli import _device
+    from seqlm.eval.cli import _device, set_threads
     from seqlm.io.pretrained import load_any as load_model
 
+    set_threads(args)
     model, cfg, tok = load_model(args.checkpoint, _device(args.device))
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
     return model, tok, out
@@ -47,9 +54,10 @@ def _finish(res: dict, out: Path, task: str) -> int:
 def run_mqar(args) -> int:
     from seqlm.eval.tasks.common import plot_curve, write_json
     from seqlm.eval.tasks.mqar import MQARSpec, evaluate_mqar
-    from seqlm.eval.cli import _device
+    from seqlm.eval.cli import _device, set_threads
     from seqlm.io.pretrained import load_any as load_model
 
+    set_threads(args)
     model, cfg, tok = load_model(args.checkpoint, _device(args.device))
     V = args.vocab_size or model.vocab_size
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
@@ -73,7 +81,7 @@ def run_passkey(args) -> int:
 
     model, tok, out = _load(args)
     res = evaluate_passkey(model, tok, _ints(args.lengths, "--lengths"), _floats(args.depths, "--depths"),
-                           args.n, args.seed, out, key_chars=args.key_chars, title=Path(args.checkpoint).name)
+                           args.n, args.seed, out, key_chars=args.key_chars, title=run_name(args.checkpoint))
     return _finish(res, out, "passkey")
 
 
@@ -82,7 +90,7 @@ def run_needle(args) -> int:
 
     model, tok, out = _load(args)
     res = evaluate_needle(model, tok, _ints(args.lengths, "--lengths"), _floats(args.depths, "--depths"),
-                          args.n, args.seed, args.haystack, out, title=Path(args.checkpoint).name)
+                          args.n, args.seed, args.haystack, out, title=run_name(args.checkpoint))
     return _finish(res, out, "needle")
 
 
@@ -91,7 +99,7 @@ def run_phonebook(args) -> int:
 
     model, tok, out = _load(args)
     res = evaluate_phonebook(model, tok, _ints(args.sizes, "--sizes"), args.n, args.seed, out,
-                             title=Path(args.checkpoint).name)
+                             title=run_name(args.checkpoint))
     return _finish(res, out, "phonebook")
 
 
@@ -100,6 +108,7 @@ def _common(p):
     p.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/eval)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
 
 
 def add_task_commands(esub) -> None:

@@ -134,8 +134,12 @@ def train_once(model_cfg: ModelConfig, train_data, test_data, lr: float, steps: 
 
 def train_on_task(model_cfg: ModelConfig, train_data, test_data, lrs: Sequence[float] = (1e-3, 3e-3, 1e-2),
                   steps: int = 1000, batch_size: int = 64, seed: int = 0, device="cpu",
-                  keep_model: bool = False, progress: Optional[Callable[[dict], None]] = None, **kw) -> dict:
-    """Learning-rate sweep (Zoology): one fresh model per lr; returns every run and the best."""
+                  keep_model: bool = False, progress: Optional[Callable[[dict], None]] = None,
+                  stop_at_target: bool = False, **kw) -> dict:
+    """Learning-rate sweep (Zoology): one fresh model per lr; returns every run and the best.
+
+    ``stop_at_target``: skip the remaining learning rates once a run reached ``kw["target"]``
+    (a CPU budget saver; the runs done are all reported)."""
     runs = []
     best_model = None
     for lr in lrs:
@@ -146,6 +150,8 @@ def train_on_task(model_cfg: ModelConfig, train_data, test_data, lrs: Sequence[f
         runs.append(r)
         if progress is not None:
             progress(r)
+        if stop_at_target and kw.get("target") is not None and r["accuracy"] >= kw["target"]:
+            break
     best = max(runs, key=lambda r: r["accuracy"])
     out = {"runs": runs, "best": best, "accuracy": best["accuracy"], "best_lr": best["lr"]}
     if keep_model:
