@@ -162,19 +162,19 @@ def main() -> None:
         out.append("")
     mq = load("mqar")
     if mq and mq.get("results"):
-        settings = [tuple(x) for x in mq["settings"]]
+        grid = [(64, 4), (128, 8), (256, 16)]  # the protocol's settings (Zoology's first three)
+        settings = sorted(set(grid) | {tuple(x) for x in mq["settings"]})
         machines = mq.get("machines") or [mq.get("machine")]
         mline = "; ".join(machine({"machine": m}) for m in machines if m) or machine(mq)
         out += [f"**MQAR** (`bench/mqar.py`; V={mq['vocab_size']}, 2-layer models (mixer + MLP) x 2, batch "
-                f"{mq['batch_size']}, {mq['n_train']:,} training examples, at most {mq['steps']} steps per run, "
-                f"lr sweep {', '.join(str(x) for x in mq['lrs'])}"
-                + (f", each run stopped at accuracy {mq['target']} and the sweep at the first lr reaching it"
-                   if mq.get("sweep_stops_at_target") else "")
-                + f"; accuracy on 1,000 held-out examples, best over the sweep; {mline}):", "",
+                f"{mq['batch_size']}; each run scored on 1,000 held-out examples every {mq.get('eval_every', 250)} "
+                f"steps and stopped at accuracy {mq.get('target', 0.99)}; a cell is the best run over the learning "
+                "rates tried, with its training examples, lr and steps, and the accuracy per lr; cells of the "
+                f"protocol's grid that were not run say so; {mline}):", "",
                 "| mixer | d_model | " + " | ".join(f"({L}, {k})" for L, k in settings) + " |",
                 "|---|---|" + "---|" * len(settings)]
         for mixer in dict.fromkeys(r["mixer"] for r in mq["results"]):
-            for d in sorted({r["d_model"] for r in mq["results"] if r["mixer"] == mixer}):
+            for d in sorted({64, 128} | {r["d_model"] for r in mq["results"] if r["mixer"] == mixer}):
                 cells = []
                 for L, k in settings:
                     m = [r for r in mq["results"] if (r["mixer"], r["d_model"], r["seq_len"]) == (mixer, d, L)]
@@ -183,9 +183,10 @@ def main() -> None:
                         continue
                     r = m[0]
                     b = r.get("budget_per_run", {}).get(str(r["best_lr"]), {})
-                    per = ", ".join(f"{lr}: {a:.2f}" for lr, a in r["per_lr"].items())
+                    per = ", ".join(f"{float(lr):g}: {a:.3f}" for lr, a in r["per_lr"].items())
                     data = f"{r['n_train'] // 1000}k examples, " if r.get("n_train") else ""
-                    other = "".join(f"; also {o['accuracy']:.3f} with {o['n_train'] // 1000}k examples"
+                    other = "".join(f"; with {o['n_train'] // 1000}k examples: "
+                                    + ", ".join(f"lr {float(lr):g}: {a:.3f}" for lr, a in o["per_lr"].items())
                                     for o in r.get("other_runs", []) if o.get("n_train"))
                     cells.append(f"**{r['accuracy']:.3f}** ({data}lr {r['best_lr']:g}, {b.get('steps', '?')} steps; "
                                  f"per lr {per}{other})")
@@ -238,7 +239,7 @@ def main() -> None:
     if tk:
         sizes = list(next(iter(tk["tokenizers"].values()))["peak_rss_mb"])
         la = ", ".join(f"{x:.1f}" for x in tk["loadavg_start"][:1] + tk["loadavg_end"][:1])
-        out += [f"**Tokenization** (`bench/tokenize.py`; a {tk['corpus_mb']:.0f} MB txt file of Tiny Shakespeare "
+        out += [f"**Tokenization** (`bench/tokenization.py`; a {tk['corpus_mb']:.0f} MB txt file of Tiny Shakespeare "
                 f"repeated with variation; {tk['cpu']}, {tk['cores']} cores shared with other jobs, load average "
                 f"{la} at start/end; best of {len(next(iter(tk['tokenizers'].values()))['runs']['1'])} alternating "
                 "runs; CPU s/MB counts this process and the workers):", "",

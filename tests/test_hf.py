@@ -182,6 +182,7 @@ def test_unsupported_configs_are_refused(arch, patch, msg, hf_dirs, tmp_path, ca
     from seqlm.io.checkpoint import CheckpointError
 
     d, _ = hf_dirs(arch)
+    capsys.readouterr()  # building the fixture prints transformers' progress bars
     bad = tmp_path / "bad"
     shutil.copytree(d, bad)
     hc = json.loads((bad / "config.json").read_text())
