@@ -42,5 +42,5 @@ class DemoShift(Block):
         w = self.a.weight
         return {"last": torch.zeros(batch, 1, self.d_model, device=device or w.device, dtype=dtype or w.dtype)}
 
-    def tp_plan(self):
-        return {r"(a|b)\.weight": "column", r"out_proj\.weight": "row"}
+    def tp_plan(self, tp=1):
+        return {r"(a|b)\.(weight|bias)": "column", r"out_proj\.weight": "row", r"out_proj\.bias": "replicate"}
