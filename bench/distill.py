@@ -25,20 +25,23 @@ Prints one JSON object and writes bench/results/distill_<mode>.json;
 """
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import os
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
+# `python bench/distill.py` puts bench/ first on sys.path, where bench/tokenize.py would shadow
+# the standard library's tokenize (imported by torch); the repository root replaces it
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
 
 from seqlm.config import FromTeacherConfig, load_config, parse_config  # noqa: E402
 from seqlm.distill.init import student_config  # noqa: E402

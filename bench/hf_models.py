@@ -9,10 +9,14 @@ random token ids for both):
 - forward: median wall time of ``--repeats`` no-grad forwards over L tokens (after one warm-up),
   the two implementations alternating so machine noise hits both alike; the logits must agree
   (max |diff| / max |logits| <= 1e-4: fp32 rounding grows with L and with the logit scale of
-  these random models, initializer_range 0.1, chosen so greedy tokens are not near-ties);
+  these random models, initializer_range 0.1, chosen so greedy tokens are not near-ties; RoPE
+  models at long L differ more because transformers computes the rotation angles pos * freq in
+  fp32, off by up to half an ulp of the angle, ~5e-4 rad at position 8192, while seqlm computes
+  them in float64);
 - generation: a prompt of L tokens, then ``--new`` greedy tokens with caches (transformers'
-  ``generate(do_sample=False)`` vs seqlm's ``LM.generate(temperature=0)``): total time, and
-  decode tokens/s = new / (total - the forward time at L, i.e. prefill); the tokens must match.
+  ``generate(do_sample=False)`` vs seqlm's ``LM.generate(temperature=0)``): total time
+  (prefill + decode), and decode tokens/s timed from the first to the last new token (a
+  streamer / on_token callback stamps each); the tokens must match.
 
 For Mamba and Mamba-2 this is the whole-model version of bench/hf_compare.py (which times single
 mixers forward+backward). Without mamba-ssm / causal-conv1d, transformers runs its PyTorch
@@ -25,15 +29,20 @@ Prints one JSON object and writes bench/results/hf_models.json (CPU model, threa
 """
 from __future__ import annotations
 
-import argparse
+import sys
+from pathlib import Path
+
+# bench/ holds scripts named like stdlib modules (tokenize.py): run as a script, this folder is
+# sys.path[0] and would shadow them (linecache imports tokenize), so take it off the path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
 import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -74,6 +83,24 @@ def hf_model(arch: str, max_ctx: int):
             num_attention_heads=8, num_key_value_heads=4, head_dim=32, intermediate_size=688, ssm_state_size=64,
             mamba_num_heads=8, mamba_head_dim=64, n_groups=1, chunk_size=64, **c))
     raise ValueError(f"--archs: unknown {arch!r}")
+
+
+class Clock:
+    """Timestamps each generated token (a transformers streamer / seqlm on_token callback):
+    decode speed = tokens after the first / time from the first to the last, so the prefill
+    (the first token's cost) is left out for both."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, _value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def rate(self) -> float:
+        return (len(self.times) - 1) / (self.times[-1] - self.times[0])
 
 
 def timed(fn):
@@ -121,15 +148,16 @@ def bench_arch(arch: str, contexts: list[int], repeats: int, new: int, tmp: Path
                 t_ours.append(timed(lambda: ours(ids))[0])
             f_hf, f_ours = statistics.median(t_hf), statistics.median(t_ours)
             hf.generation_config.eos_token_id = None
-            g_hf, want = timed(lambda: hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                                   use_cache=True, pad_token_id=0)[0, L:])
-            g_ours, got = timed(lambda: ours.generate(ids[0], new, temperature=0.0))
+            hf_clock, our_clock = Clock(), Clock()
+            g_hf, want = timed(lambda: hf.generate(ids, max_new_tokens=new, do_sample=False, use_cache=True,
+                                                   pad_token_id=0, streamer=hf_clock)[0, L:])
+            g_ours, got = timed(lambda: ours.generate(ids[0], new, temperature=0.0, on_token=our_clock.put))
+            hf_clock.times = hf_clock.times[1:]  # transformers' streamer first receives the prompt
         rows[str(L)] = {
             "logits_max_abs_diff": diff, "logits_max_abs": scale, "logits_match": diff <= TOL * scale,
             "forward_s": {"transformers": f_hf, "seqlm": f_ours}, "forward_speedup": f_hf / f_ours,
             "generate_s": {"transformers": g_hf, "seqlm": g_ours},
-            "decode_tokens_per_s": {"transformers": new / max(g_hf - f_hf, 1e-9),
-                                    "seqlm": new / max(g_ours - f_ours, 1e-9)},
+            "decode_tokens_per_s": {"transformers": hf_clock.rate(), "seqlm": our_clock.rate()},
             "generate_speedup": g_hf / g_ours, "tokens_match": got.tolist() == want.tolist(),
         }
         print(f"{arch:>10} L={L:>5}: diff {diff:.1e} (of {scale:.1f})  forward hf {f_hf:.3f}s seqlm {f_ours:.3f}s "
@@ -144,14 +172,15 @@ def table(res: dict) -> str:
     lines = [f"Machine: {res['cpu']}, {res['threads']} thread(s), torch {res['torch']}, transformers "
              f"{res['transformers']}; median of {res['repeats']} forwards; {res['new_tokens']} new tokens.", "",
              "| model | params | layers | L | forward transformers | forward seqlm | speedup | generate transformers "
-             "| generate seqlm | speedup | logits diff (of max) | tokens equal |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| generate seqlm | speedup | decode tok/s transformers | decode tok/s seqlm | logits diff (of max) "
+             "| tokens equal |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arch, r in res["results"].items():
         for L, c in r["contexts"].items():
             f, g = c["forward_s"], c["generate_s"]
             lines.append(f"| {arch} | {r['n_params'] / 1e6:.1f}M | `{r['layers']}` | {L} | {f['transformers']:.2f} s | "
                          f"{f['seqlm']:.2f} s | {c['forward_speedup']:.2f}x | {g['transformers']:.2f} s | "
-                         f"{g['seqlm']:.2f} s | {c['generate_speedup']:.2f}x | {c['logits_max_abs_diff']:.1e} "
+                         f"{g['seqlm']:.2f} s | {c['generate_speedup']:.2f}x | {c['decode_tokens_per_s']['transformers']:.1f} | "
+                         f"{c['decode_tokens_per_s']['seqlm']:.1f} | {c['logits_max_abs_diff']:.1e} "
                          f"(of {c.get('logits_max_abs', float('nan')):.0f}) | {'yes' if c['tokens_match'] else 'no'} |")
     return "\n".join(lines)
 

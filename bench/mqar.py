@@ -96,6 +96,7 @@ def main(argv=None) -> int:
                     notes[mixer] = f"skipped: {e}"
                     break
                 row = {"mixer": mixer, "d_model": d, "seq_len": L, "num_pairs": k, "accuracy": r["accuracy"],
+                       "n_train": n_train, "max_steps": steps,
                        "best_lr": r["best_lr"], "n_params": r["best"]["n_params"],
                        "per_lr": {str(x["lr"]): x["accuracy"] for x in r["runs"]},
                        "budget_per_run": {str(x["lr"]): {"steps": x["steps"], "examples_seen": x["steps"] * bs,
@@ -126,7 +127,16 @@ def merge(a) -> int:
     cells = {}
     for p in parts:
         for r in p["results"]:
-            cells[(r["mixer"], r["d_model"], r["seq_len"])] = {**r, "machine": p.get("machine")}
+            key = (r["mixer"], r["d_model"], r["seq_len"])
+            row = {**r, "machine": p.get("machine"), "n_train": r.get("n_train", p.get("n_train")),
+                   "max_steps": r.get("max_steps", p.get("steps"))}
+            if key in cells and cells[key]["accuracy"] > row["accuracy"]:  # keep the best run of a cell
+                row = {**cells[key], "other_runs": cells[key].get("other_runs", []) + [
+                    {k: row[k] for k in ("accuracy", "best_lr", "n_train", "max_steps", "per_lr")}]}
+            elif key in cells:
+                row["other_runs"] = cells[key].get("other_runs", []) + [
+                    {k: cells[key][k] for k in ("accuracy", "best_lr", "n_train", "max_steps", "per_lr")}]
+            cells[key] = row
     results = list(cells.values())
     settings = sorted({(r["seq_len"], r["num_pairs"]) for r in results})
     widths = sorted({r["d_model"] for r in results})

@@ -162,19 +162,19 @@ def main() -> None:
         out.append("")
     mq = load("mqar")
     if mq and mq.get("results"):
-        settings = [tuple(x) for x in mq["settings"]]
+        grid = [(64, 4), (128, 8), (256, 16)]  # the protocol's settings (Zoology's first three)
+        settings = sorted(set(grid) | {tuple(x) for x in mq["settings"]})
         machines = mq.get("machines") or [mq.get("machine")]
         mline = "; ".join(machine({"machine": m}) for m in machines if m) or machine(mq)
         out += [f"**MQAR** (`bench/mqar.py`; V={mq['vocab_size']}, 2-layer models (mixer + MLP) x 2, batch "
-                f"{mq['batch_size']}, {mq['n_train']:,} training examples, at most {mq['steps']} steps per run, "
-                f"lr sweep {', '.join(str(x) for x in mq['lrs'])}"
-                + (f", each run stopped at accuracy {mq['target']} and the sweep at the first lr reaching it"
-                   if mq.get("sweep_stops_at_target") else "")
-                + f"; accuracy on 1,000 held-out examples, best over the sweep; {mline}):", "",
+                f"{mq['batch_size']}; each run scored on 1,000 held-out examples every {mq.get('eval_every', 250)} "
+                f"steps and stopped at accuracy {mq.get('target', 0.99)}; a cell is the best run over the learning "
+                "rates tried, with its training examples, lr and steps, and the accuracy per lr; cells of the "
+                f"protocol's grid that were not run say so; {mline}):", "",
                 "| mixer | d_model | " + " | ".join(f"({L}, {k})" for L, k in settings) + " |",
                 "|---|---|" + "---|" * len(settings)]
         for mixer in dict.fromkeys(r["mixer"] for r in mq["results"]):
-            for d in sorted({r["d_model"] for r in mq["results"] if r["mixer"] == mixer}):
+            for d in sorted({64, 128} | {r["d_model"] for r in mq["results"] if r["mixer"] == mixer}):
                 cells = []
                 for L, k in settings:
                     m = [r for r in mq["results"] if (r["mixer"], r["d_model"], r["seq_len"]) == (mixer, d, L)]
@@ -183,8 +183,13 @@ def main() -> None:
                         continue
                     r = m[0]
                     b = r.get("budget_per_run", {}).get(str(r["best_lr"]), {})
-                    per = ", ".join(f"{lr}: {a:.2f}" for lr, a in r["per_lr"].items())
-                    cells.append(f"**{r['accuracy']:.3f}** (lr {r['best_lr']:g}, {b.get('steps', '?')} steps; {per})")
+                    per = ", ".join(f"{float(lr):g}: {a:.3f}" for lr, a in r["per_lr"].items())
+                    data = f"{r['n_train'] // 1000}k examples, " if r.get("n_train") else ""
+                    other = "".join(f"; with {o['n_train'] // 1000}k examples: "
+                                    + ", ".join(f"lr {float(lr):g}: {a:.3f}" for lr, a in o["per_lr"].items())
+                                    for o in r.get("other_runs", []) if o.get("n_train"))
+                    cells.append(f"**{r['accuracy']:.3f}** ({data}lr {r['best_lr']:g}, {b.get('steps', '?')} steps; "
+                                 f"per lr {per}{other})")
                 out.append(f"| {mixer} | {d} | " + " | ".join(cells) + " |")
         for m, why in mq.get("notes", {}).items():
             out.append(f"| {m} | | {why} |")
@@ -234,7 +239,7 @@ def main() -> None:
     if tk:
         sizes = list(next(iter(tk["tokenizers"].values()))["peak_rss_mb"])
         la = ", ".join(f"{x:.1f}" for x in tk["loadavg_start"][:1] + tk["loadavg_end"][:1])
-        out += [f"**Tokenization** (`bench/tokenize.py`; a {tk['corpus_mb']:.0f} MB txt file of Tiny Shakespeare "
+        out += [f"**Tokenization** (`bench/tokenization.py`; a {tk['corpus_mb']:.0f} MB txt file of Tiny Shakespeare "
                 f"repeated with variation; {tk['cpu']}, {tk['cores']} cores shared with other jobs, load average "
                 f"{la} at start/end; best of {len(next(iter(tk['tokenizers'].values()))['runs']['1'])} alternating "
                 "runs; CPU s/MB counts this process and the workers):", "",
@@ -248,11 +253,66 @@ def main() -> None:
                        + " | ".join(f"{r['parent']:.0f} / {r['worker']:.0f} MB" for r in rss)
                        + f" | {t['relaunch_warm_cache_s'] * 1e3:.1f} ms | {t['relaunch_verify_cache_s']:.2f} s |")
         out.append("")
+    out += long_seq_tables()
     tables = "\n".join(out)
     if "--write" in sys.argv[1:]:
         write_readme(tables)
     else:
         print(tables)
+
+
+def long_seq_tables() -> list[str]:
+    """Activation checkpointing, document packing, CPU bf16, recursive LoRA (issue 16)."""
+    out = []
+    lc = load("long_context")
+    if lc:
+        lg, st = lc["longest"], lc["step_time"]
+        out += [f"**Longest trainable context** (`bench/long_context.py`; {lc['model']}; one training step "
+                f"under a {lc['cap_gib']:g} GiB RLIMIT_DATA cap, L on a sqrt(2) grid; {lc['cpu']}, "
+                f"{lc['threads']} thread):", "",
+                "| activation checkpointing | longest L | peak RSS there | first L refused |", "|---|---|---|---|"]
+        for mode, label in (("none", "none"), ("layers", "`layers`")):
+            runs = lc["runs"].get(mode, [])
+            ok = [r for r in runs if r["ok"]]
+            bad = [r["L"] for r in runs if not r["ok"]]
+            out.append(f"| {label} | {lg.get(mode, 0):,} | {ok[-1]['peak_rss_mib']:.0f} MiB | "
+                       f"{bad[0] if bad else 'none up to the grid end':} |" if ok else f"| {label} | — | — | — |")
+        out += ["", f"Longest context with / without: {lc.get('ratio_longest', float('nan')):.1f}x. Step time at "
+                f"L = {st['L']:,}: {st['none_s']:.1f} s plain, {st['layers_s']:.1f} s checkpointed "
+                f"({st['ratio_layers_over_none']:.2f}x).", ""]
+    pk = load("packing")
+    if pk:
+        out += [f"**Document packing** (`bench/packing.py`; training steps with `seq_idx` vs one stream on the "
+                f"same windows, batch {pk['batch']} x {pk['seq_len']}, alternating; {pk['cpu']}, "
+                f"{pk['threads']} thread; tokens/s):", "",
+                "| boundaries | preset | stream | document | document / stream |", "|---|---|---|---|---|"]
+        for k, r in pk["results"].items():
+            b, preset = k.split("/")
+            out.append(f"| {b} ({pk['boundaries'][b]['mean_documents_per_window']:.1f} docs/window) | `{preset}` | "
+                       f"{r['stream_tok_s']:,.0f} | {r['document_tok_s']:,.0f} | {r['ratio_document_over_stream']:.2f} |")
+        out.append("")
+    bf = load("bf16")
+    if bf:
+        out += [f"**CPU bf16** (`bench/bf16.py`; d_model 512, 8 layers, batch {bf['batch']} x {bf['seq_len']}, "
+                f"{bf['steps']} steps side by side; {bf['cpu']} ({', '.join(bf['cpu_bf16_flags']) or 'no bf16 flags'}), "
+                f"{bf['threads']} thread; `dtype: auto` chose {bf['auto_choice']}):", "",
+                "| stack | params | fp32 step | auto step | speedup | final loss fp32 | final loss auto | rel. diff |",
+                "|---|---|---|---|---|---|---|---|"]
+        for pat, r in bf["results"].items():
+            out.append(f"| `{pat}` | {r['n_params'] / 1e6:.1f}M | {r['fp32_step_s']:.2f} s | {r['auto_step_s']:.2f} s | "
+                       f"{r['speedup_auto_over_fp32']:.2f}x | {r['fp32_final_loss']:.4f} | {r['auto_final_loss']:.4f} | "
+                       f"{100 * r['final_loss_rel_diff']:+.2f}% |")
+        out.append("")
+    rl = load("recursive_lowrank")
+    if rl:
+        out += [f"**Recursive LoRA: merged vs factored** (`bench/recursive_lowrank.py`; one Linear, rank "
+                f"{rl['rank']}, forward+backward, {rl['threads']} thread):", "",
+                "| tokens | in x out | merged | factored | factored / merged |", "|---|---|---|---|---|"]
+        for r in rl["results"]:
+            out.append(f"| {r['tokens']:,} | {r['in']} x {r['out']} | {r['merged_ms']:.2f} ms | "
+                       f"{r['factored_ms']:.2f} ms | {r['factored_over_merged']:.2f} |")
+        out.append("")
+    return out
 
 
 if __name__ == "__main__":

@@ -364,10 +364,17 @@ class TrainConfig(Section):
     seed: int = Field(1337, description="Seed for init, data sampling and dropout.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: cuda if available.")
     dtype: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="`auto`: fp32 on CPU, bf16 autocast on CUDA. `bf16` on CPU autocasts the "
-        "matmuls (fast only with AVX512-BF16/AMX; at the small presets no faster than fp32); the SSM "
-        "kernels compute in fp32 either way."
+        "auto", description="`auto`: bf16 autocast on CUDA, and on CPUs with native bf16 matrix "
+        "products (AMX-BF16 or AVX512-BF16 in /proc/cpuinfo, confirmed by a short timed probe), "
+        "else fp32; the run prints which and why. `bf16` forces CPU autocast (far slower on CPUs "
+        "without those units). The SSM kernels compute in fp32 either way."
     )
+    activation_checkpointing: Literal["none", "layers", "every_k"] = Field(
+        "none", description="Recompute activations in backward instead of keeping them: `layers` "
+        "checkpoints each layer, `every_k` each run of `activation_checkpoint_k` layers (only the "
+        "run's input is kept). Same gradients; less memory, about one more forward of compute."
+    )
+    activation_checkpoint_k: int = Field(2, gt=0, description="Layers per checkpointed run for `every_k`.")
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
     threads: Optional[int] = Field(None, gt=0, description="torch CPU threads; null keeps torch's default.")
     out_dir: str = Field("runs/default", description="Checkpoints, logs, plots.")
@@ -528,8 +535,9 @@ class DistillConfig(Section):
     """Distillation (`seqlm distill`): a teacher, a student and the stages that train it."""
 
     teacher: str = Field(
-        ..., description="The teacher: a seqlm checkpoint directory (or, with the Hugging Face interop, a "
-        "local Hugging Face model directory). Its tokenizer is used for the data and for the student.",
+        ..., description="The teacher: a seqlm checkpoint (run root, step or model-only directory) or a local "
+        "Hugging Face model directory (Llama, Mistral, GPT-2, ...). Its tokenizer is used for the data and "
+        "for the student.",
     )
     teacher_dtype: Optional[Literal["fp32", "bf16"]] = Field(
         None, description="dtype the teacher runs in (no_grad, eval mode); null = the student's dtype.")

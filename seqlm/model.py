@@ -9,6 +9,7 @@ from torch import nn
 
 from seqlm.config import ModelConfig
 from seqlm.model_card import load_pretrained_dir, save_pretrained_dir
+from seqlm.ops.docs import check_seq_idx, doc_starts
 from seqlm.ops.norm import make_norm
 from seqlm.stack import Stack
 
@@ -38,14 +39,18 @@ class LM(nn.Module):
             nn.init.normal_(self.head.weight, 0.0, cfg.init_std)
 
     # -- forward ----------------------------------------------------------------------
-    def hidden(self, tokens: torch.Tensor, state=None):
-        """tokens (B, T) -> final-normed hidden states (B, T, D) and the new state."""
-        x, pos = self._embed(tokens, state)
-        x, state = self.stack(self.drop(x), state)
+    def hidden(self, tokens: torch.Tensor, state=None, seq_idx=None):
+        """tokens (B, T) -> final-normed hidden states (B, T, D) and the new state.
+        ``seq_idx`` (B, T) int: document index per position of a packed window
+        (seqlm/ops/docs.py); nothing crosses a document boundary. None: one stream."""
+        check_seq_idx(seq_idx, *tokens.shape)
+        x, pos = self._embed(tokens, state, seq_idx)
+        x, state = self.stack(self.drop(x), state, seq_idx=seq_idx)
         return self.norm_f(x), self._with_pos(state, pos)
 
-    def _embed(self, tokens: torch.Tensor, state):
-        """Token (+ learned position) embeddings (B, T, D) and the position after them."""
+    def _embed(self, tokens: torch.Tensor, state, seq_idx=None):
+        """Token (+ learned position) embeddings (B, T, D) and the position after them
+        (with ``seq_idx``, positions restart at each document)."""
         x = self.embed(tokens)
         if self.pos_embed is None:
             return x, None
@@ -54,19 +59,29 @@ class LM(nn.Module):
         if end > self.pos_embed.num_embeddings:
             raise ValueError(f"model.max_positions: the model reads at most {self.pos_embed.num_embeddings} "
                              f"positions; {end} needed")
-        return x + self.pos_embed.weight[start:end], end
+        if seq_idx is None:
+            return x + self.pos_embed.weight[start:end], end
+        t = torch.arange(tokens.shape[1], device=tokens.device)
+        first = torch.where(doc_starts(seq_idx), t, 0).cummax(1).values     # (B, T) its document's start
+        pos = torch.where(seq_idx == 0, t + start, t - first)                # document 0 continues a state
+        return x + self.pos_embed(pos), end
 
     @staticmethod
     def _with_pos(state, pos):
         return state if state is None or pos is None else PosState(state, pos)
 
-    def forward(self, tokens: torch.Tensor, state=None):
+    def forward(self, tokens: torch.Tensor, state=None, seq_idx=None):
         """tokens (B, T) -> logits (B, T, V), new state (None when ``state`` is None)."""
-        h, state = self.hidden(tokens, state)
+        h, state = self.hidden(tokens, state, seq_idx)
         return self.head(h), state
 
-    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        logits, _ = self(tokens)
+    def set_activation_checkpointing(self, mode: str = "none", k: int = 1) -> None:
+        """Recompute layer activations in backward (seqlm/stack.py): none | layers | every_k."""
+        self.stack.set_checkpointing(mode, k)
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+             seq_idx=None) -> torch.Tensor:
+        logits, _ = self(tokens, seq_idx=seq_idx)
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
 
     def init_state(self, batch: int, max_len: int, device=None, dtype=None):
@@ -158,8 +173,8 @@ class LM(nn.Module):
             gen.seed()  # fresh entropy for this generator only (torch.seed() reseeds the global one)
         step = self.compiled_step() if compile else self.step
         state = self.init_state(B, T + max_new_tokens)
-        logits, state = self(ids, state)
-        logits = logits[:, -1]
+        h, state = self.hidden(ids, state)
+        logits = self.head(h[:, -1])  # prefill: only the last position's logits are needed
         out = []
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         for i in range(max_new_tokens):

@@ -39,9 +39,9 @@ def one_error(capsys, *needles):
 @pytest.mark.parametrize("name,content,needle", [
     ("empty.txt", b"", "is empty"),
     ("blank.txt", b"  \n\n", "is empty"),
-    ("binary.txt", bytes(range(256)) * 4, "not valid UTF-8"),
+    ("binary.txt", bytes(range(256)) * 4, "UTF-8"),
     ("latin1.txt", "caf\xe9 au lait\n".encode("latin-1") * 50, "not valid UTF-8"),
-    ("binary.jsonl", b"\x00\xff\xfe" * 100, "cannot be read"),
+    ("binary.jsonl", b"\x00\xff\xfe" * 100, "UTF-8"),
     ("nofield.jsonl", b'{"body": "x"}\n', "no record has the field"),
 ])
 def test_bad_data_files(tmp_path, capsys, name, content, needle):
@@ -56,10 +56,11 @@ def test_data_changed_or_deleted_between_runs(tmp_path, capsys):
     f.write_text(TEXT)
     cfg = write_cfg(tmp_path, f, max_steps=4)
     assert main(["train", "--config", cfg, "--stop-at", "2"]) == 0
-    caches = set((tmp_path / "cache").glob("*.bin"))
+    caches = {p.name: p.read_bytes() for p in (tmp_path / "cache").glob("*.bin")}
     f.write_text(TEXT[::-1])  # same characters, new content: the cache is rebuilt, resume works
     assert main(["train", "--config", cfg, "--resume"]) == 0
-    assert len(set((tmp_path / "cache").glob("*.bin")) - caches) == 1
+    now = {p.name: p.read_bytes() for p in (tmp_path / "cache").glob("*.bin")}
+    assert now != caches and len(now) >= 1
     capsys.readouterr()
     f.write_text(TEXT + "Zebra!\n")  # a character the checkpoint's tokenizer never saw
     assert main(["train", "--config", cfg, "--resume", "train.max_steps=6"]) == 2
@@ -113,3 +114,25 @@ def test_default_config_is_package_data(tmp_path):
     assert first[2] == "".join(l.type[0] for l in load_config(ROOT / "configs" / "default.yaml").model.layers)
     assert out.returncode == 2 and "tinyshakespeare.txt" in out.stderr and "installed package" in out.stderr, out.stderr
     assert out.stderr.count("\n") == 1
+
+
+def test_tokenizer_that_does_not_match_the_data_cache(tmp_path, capsys):
+    """A cache built with one tokenizer is never read with another: another tokenizer gets its
+    own cache (the key holds the fingerprint), and a cache whose metadata was swapped in from
+    another tokenizer is rebuilt instead of being trusted."""
+    import json
+
+    f = tmp_path / "corpus.txt"
+    f.write_text(TEXT)
+    cfg = write_cfg(tmp_path, f, max_steps=1)
+    assert main(["train", "--config", cfg]) == 0
+    char = {p.name for p in (tmp_path / "cache").glob("*.json")}
+    assert main(["train", "--config", cfg, "data.tokenizer.type=byte", f"train.out_dir={tmp_path / 'b'}"]) == 0
+    both = {p.name for p in (tmp_path / "cache").glob("*.json")}
+    assert len(both - char) == 1
+    (c,), (b,) = char, both - char
+    meta_b = json.loads((tmp_path / "cache" / b).read_text())
+    (tmp_path / "cache" / c).write_text(json.dumps(meta_b))  # the char cache now claims the byte tokenizer
+    capsys.readouterr()
+    assert main(["train", "--config", cfg, f"train.out_dir={tmp_path / 'c'}"]) == 0
+    assert json.loads((tmp_path / "cache" / c).read_text())["key"] != meta_b["key"]  # rebuilt

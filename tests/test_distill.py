@@ -334,3 +334,31 @@ def test_logit_distillation_into_hmt_and_recursive_students(teacher, tmp_path, t
     assert (cfg.memory is not None) == (topology == "memory")
     assert (cfg.model.recursive is not None) == (topology == "recursive")
     assert rep["student"]["val_loss"] < rep["student"]["val_loss_init"]
+
+
+def test_distillation_from_a_tiny_hugging_face_llama_directory(tmp_path):
+    """A local transformers Llama (GQA, RoPE, SwiGLU; built here, HF_HUB_OFFLINE=1) as the teacher:
+    its tokenizer tokenizes the data, its attention layers become Mamba-2, all three stages run."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hf_fixtures import TEXT as HF_TEXT, build_hf, build_tokenizer
+
+    hf = tmp_path / "llama"
+    hf.mkdir()
+    build_hf("llama", hf, build_tokenizer())
+    (tmp_path / "corpus.txt").write_text(HF_TEXT * 10)
+    d = base(tmp_path, "hf")
+    d["distill"] = {"teacher": str(hf), "from_teacher": {"pattern": "2-", "block_defaults": {"mamba2": {"chunk_size": 8}}},
+                    "stages": [{"kind": "orient", "steps": 3}, {"kind": "align", "steps": 3},
+                               {"kind": "logits", "steps": 3}]}
+    rep = distill(parse_config(d))
+    model, cfg, tok = load_model(rep["student_checkpoint"])
+    assert tok.type == "hf" and model.vocab_size == 320
+    assert [l.type for l in cfg.model.layers] == ["mamba2", "mlp", "mamba2", "mlp"]
+    assert rep["pairs"] == [0, 2]
+    assert math.isfinite(rep["student"]["val_loss"]) and rep["teacher"]["n_params"] > 0
+    ids = torch.tensor(tok.encode("The quick brown"))
+    assert model.generate(ids, 5, temperature=0).shape == (5,)

@@ -130,3 +130,20 @@ def test_cli_errors_name_the_argument(tmp_path, capsys, argv, needle):
     assert main(argv[:2] + ["--checkpoint", ck] + argv[2:] if argv[0] == "eval" else
                 argv[:1] + ["--checkpoint", ck] + argv[1:]) == 2
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pattern", ["*-", "M2H-"])
+@pytest.mark.parametrize("ctx", [16, None])
+def test_packed_documents_score_as_alone(pattern, ctx):
+    """pack=True: short documents share windows (seq_idx) and score exactly as unpacked."""
+    model = tiny_model(pattern)
+    g = torch.Generator().manual_seed(3)
+    docs = [torch.randint(0, 23, (n,), generator=g).tolist() for n in (5, 9, 2, 13, 40, 7, 3)]
+    a = score_documents(model, docs, ctx, None, batch_size=3, chunk=24, progress=False, return_token_nll=True)
+    b = score_documents(model, docs, ctx, None, batch_size=3, chunk=24, progress=False, return_token_nll=True,
+                        pack=True)
+    for ta, tb, cb in zip(a["token_nll"], b["token_nll"], b["counts"]):
+        np.testing.assert_allclose(tb, ta, rtol=1e-9, atol=1e-10)
+        assert (cb == 1).all()
+    np.testing.assert_allclose(b["pos_sum"], a["pos_sum"], rtol=1e-9)
+    assert (b["pos_cnt"] == a["pos_cnt"]).all()

@@ -182,6 +182,7 @@ def test_unsupported_configs_are_refused(arch, patch, msg, hf_dirs, tmp_path, ca
     from seqlm.io.checkpoint import CheckpointError
 
     d, _ = hf_dirs(arch)
+    capsys.readouterr()  # building the fixture prints transformers' progress bars
     bad = tmp_path / "bad"
     shutil.copytree(d, bad)
     hc = json.loads((bad / "config.json").read_text())
@@ -356,3 +357,26 @@ def test_sentencepiece_hf_dir_and_training_tokenizer_config(hf_dirs, tmp_path):
     cfg = parse_config({"model": {"pattern": "*-"}, "data": {"tokenizer": {"type": "hf", "path": str(d)}}})
     t2 = build_seqlm_tokenizer(cfg.data.tokenizer, [])
     assert t2.type == "hf" and t2 == load_any(d)[2]
+
+
+@pytest.mark.parametrize("kind", ["char", "byte"])
+def test_char_and_byte_tokenizers_export_with_the_same_ids(kind, tmp_path):
+    """to-hf writes a tokenizer.json for seqlm's char and byte tokenizers: transformers' fast
+    tokenizer gives the same ids, and importing the export gives the same tokenizer ids back."""
+    import transformers
+
+    from seqlm.config import parse_config
+    from seqlm.data.tokenizers import ByteTokenizer, CharTokenizer
+    from seqlm.io.factory import build_model
+
+    text = "Hello, world!\n  é 😀 tabs\tand\nlines"
+    tok = CharTokenizer.fit([text]) if kind == "char" else ByteTokenizer()
+    cfg = parse_config({"model": {"d_model": 16, "pattern": "2", "block_defaults": {"mamba2": {"head_dim": 8}}}})
+    model = build_model(cfg, tok.vocab_size)
+    out = export_hf(model, cfg, tok, tmp_path / "hf")
+    fast = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert fast(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    assert fast.convert_tokens_to_ids("<|endoftext|>") == tok.eos_id
+    assert fast.decode(tok.encode(text)) == text
+    _, _, back = load_any(out)
+    assert back.encode(text) == tok.encode(text) and back.eos_id == tok.eos_id

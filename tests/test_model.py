@@ -77,3 +77,12 @@ def test_compiled_generate_equals_eager():
     got = model.generate(prompt, 6, temperature=0, compile=True)
     assert torch.equal(got, want)
     assert model.compiled_step() is model.compiled_step()  # compiled once, kept
+
+
+def test_generate_prefill_computes_only_the_last_logits():
+    """Prefill runs the head on the last prompt position only, not on (B, T, V)."""
+    model = mixed_model("*-")
+    shapes = []
+    model.head.register_forward_hook(lambda m, inp, out: shapes.append(tuple(inp[0].shape)))
+    model.generate(torch.randint(0, 50, (2, 9)), 3, temperature=0)
+    assert shapes[0] == (2, 32) and all(s[-2] == 1 or len(s) == 2 for s in shapes)

@@ -211,6 +211,8 @@ def test_kill_anywhere_resume_exactly(tmp_path):
     final = ck.resolve_checkpoint(tmp_path / "b" / "checkpoint")
     assert ck.read_meta(final)["step"] == 24
     assert_same_weights(weights(straight), load_file(str(final / "model.safetensors")))
+    assert_same_weights(load_file(str(Path(straight["checkpoint"]) / "trainer.safetensors")),
+                        load_file(str(final / "trainer.safetensors")))  # optimizer moments, RNG states
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     assert not [p for p in (tmp_path / "b" / "checkpoint").iterdir() if p.name.startswith(".")]
 

@@ -78,11 +78,11 @@ class Attention(Block):
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
         return q, k, v.transpose(1, 2)  # (B, H*, T, hd)
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, seq_idx=None):
         B, T, _ = x.shape
         if state is None:
             q, k, v = self._qkv(x, 0)
-            y = attention(q, k, v, 0, self.window)
+            y = attention(q, k, v, 0, self.window, seq_idx)
         else:
             pos = state["pos"]
             if pos + T > state["k"].shape[2]:
@@ -94,7 +94,8 @@ class Attention(Block):
             state["k"][:, :, pos:pos + T] = k
             state["v"][:, :, pos:pos + T] = v
             lo = 0 if self.window is None else max(0, pos - self.window + 1)
-            y = attention(q, state["k"][:, :, lo:pos + T], state["v"][:, :, lo:pos + T], pos - lo, self.window)
+            y = attention(q, state["k"][:, :, lo:pos + T], state["v"][:, :, lo:pos + T], pos - lo, self.window,
+                          seq_idx)
             state = {"k": state["k"], "v": state["v"], "pos": pos + T}
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
         return self.out_proj(y), state

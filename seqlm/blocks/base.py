@@ -8,6 +8,9 @@ State contract:
 - ``forward(x, None)`` runs stateless (training) and returns ``(y, None)``.
 - ``forward(x, state)`` continues from ``state`` (from ``init_state`` or an earlier call) and
   returns ``(y, new_state)``; this is chunked prefill / streaming.
+- ``forward(x, state, seq_idx)``: ``seq_idx`` (B, L) int marks the documents packed in the
+  window (seqlm/ops/docs.py); no information may cross a boundary (attention masks, SSMs
+  reset their conv and recurrent state). None: one stream.
 - ``step(x_t, state)`` is one token, ``x_t: (B, 1, D)``; O(1) in the context for SSMs.
 States are dicts of tensors owned by the caller; blocks may update their buffers in place,
 so keep a state only as long as you keep stepping it.
@@ -62,7 +65,8 @@ class Block(nn.Module):
         self.d_model = d_model
 
     # -- the interface -------------------------------------------------------------
-    def forward(self, x: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:
+    def forward(self, x: torch.Tensor, state: State = None,
+                seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
         raise NotImplementedError
 
     def init_state(self, batch: int, max_len: int, device=None, dtype=None) -> State:

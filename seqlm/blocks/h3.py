@@ -31,7 +31,7 @@ from torch import nn
 from seqlm.blocks.base import Block, BlockConfig
 from seqlm.blocks.plan import Part, Split
 from seqlm.ops.conv import causal_conv1d_step, causal_conv1d_tokens
-from seqlm.ops.fftconv import diag_ssm_kernel, fft_conv
+from seqlm.ops.fftconv import diag_ssm_kernel, fft_conv, fft_conv_docs
 from seqlm.registry import register
 
 
@@ -134,28 +134,36 @@ class H3(Block):
         y = torch.einsum("blhi,bhijl->blhj", q.view(B, L, self.H, self.P), s)
         return y.reshape(B, L, self.d_model)
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, seq_idx=None):
         B, L, _ = x.shape
         if L == 0:  # empty input: empty output, the state passes through
             return self.out_proj(x), (None if state is None else dict(state))
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        ks, shift = causal_conv1d_tokens(k, self.shift_weight, None, None if state is None else state["shift"])
+        ks, shift = causal_conv1d_tokens(k, self.shift_weight, None, None if state is None else state["shift"],
+                                         None, seq_idx)
         kv = self._kv(ks, v)  # (B, H, M, L), M = P*P
         log_a, a_bar, b_bar, c = self._ssm(x.dtype)
         K = diag_ssm_kernel(log_a, c * b_bar, L)  # (H, L)
         H, M = self.H, self.P * self.P
         Kc, Dc = (K, self.D) if M == 1 else (K.repeat_interleave(M, 0), self.D.repeat_interleave(M))
-        s = fft_conv(kv.reshape(B, H * M, L), Kc, Dc).view(B, H, M, L)
+        conv = fft_conv if seq_idx is None else (lambda *a: fft_conv_docs(*a, seq_idx))  # noqa: E731
+        s = conv(kv.reshape(B, H * M, L), Kc, Dc).view(B, H, M, L)
         new_state = None
         if state is not None:
             x0 = state["ssm"]  # (B, H, M, N) complex: the state before this chunk
             pos = torch.arange(1, L + 1, device=x.device, dtype=log_a.real.dtype)
             pw = torch.exp(log_a[..., None] * pos)  # (H, N, L): a^{t+1}
-            s = s + 2 * torch.einsum("bhmn,hn,hnl->bhml", x0, c, pw).real.to(s.dtype)
+            carry = 2 * torch.einsum("bhmn,hn,hnl->bhml", x0, c, pw).real.to(s.dtype)
+            kvl, x0l = kv, x0
+            if seq_idx is not None:  # x0 reaches document 0 only; the new state is the last document's
+                carry = carry * (seq_idx == 0).to(s.dtype)[:, None, None, :]
+                kvl = kv * (seq_idx == seq_idx[:, -1:]).to(kv.dtype)[:, None, None, :]
+                x0l = x0 * (seq_idx[:, -1] == 0).to(x0.dtype)[:, None, None, None]
+            s = s + carry
             # x_{L-1} = a^L x0 + sum_t a^{L-1-t} b u_t
             rev = torch.flip(pw, dims=[-1]) / a_bar[..., None]  # a^{L-1-t}
-            xT = pw[..., -1][None, :, None, :] * x0 + torch.einsum(
-                "bhml,hnl->bhmn", kv.to(rev.dtype), b_bar[..., None] * rev)
+            xT = pw[..., -1][None, :, None, :] * x0l + torch.einsum(
+                "bhml,hnl->bhmn", kvl.to(rev.dtype), b_bar[..., None] * rev)
             new_state = {"shift": shift, "ssm": xT}
         return self.out_proj(self._readout(q, s)), new_state
 

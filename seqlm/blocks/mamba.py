@@ -109,13 +109,13 @@ class Mamba(Block):
         return (F.linear(x, W[:n], None if b is None else b[:n]),
                 F.linear(x, W[n:], None if b is None else b[n:]))
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, seq_idx=None):
         xs, z = self._in_proj(x)                                               # (B, L, d_inner)
         xc, conv_state = causal_conv1d_tokens(xs, self.conv_weight, self.conv_bias,
-                                               None if state is None else state["conv"], "silu")
+                                               None if state is None else state["conv"], "silu", seq_idx)
         delta, B, C = self._ssm_inputs(xc)
         y, h = selective_scan(xc, delta, -torch.exp(self.A_log), B, C, self.D, z, self.dt_proj.bias,
-                              True, None if state is None else state["ssm"], self.cfg.chunk_size)
+                              True, None if state is None else state["ssm"], self.cfg.chunk_size, seq_idx)
         out = self.out_proj(y)
         return out, (None if state is None else {"conv": conv_state, "ssm": h})
 

@@ -135,7 +135,7 @@ class Mamba2(Block):
         return self.out_proj(self.norm(y, z, group))
 
     # -- the interface ------------------------------------------------------------------
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, seq_idx=None):
         Bsz, T, _ = x.shape
         # z in its own product: the gate keeps just its d_inner columns alive for backward,
         # not the whole (z, xBC, dt) projection (same weight, same FLOPs)
@@ -144,11 +144,12 @@ class Mamba2(Block):
         xBC, dt = F.linear(x, W[self.d_inner:], None if b is None else b[self.d_inner:]).split(
             [self.conv_dim, self.H], dim=-1)
         xBC, conv_state = causal_conv1d_tokens(xBC, self.conv_weight, self.conv_bias,
-                                               None if state is None else state["conv"], "silu")
+                                               None if state is None else state["conv"], "silu", seq_idx)
         xs, B, C, dt, A = self._ssm_inputs(xBC, dt)
         y, h = ssd_scan(xs.reshape(Bsz, T, self.H, self.P), dt, A, B.reshape(Bsz, T, self.G, self.N),
                         C.reshape(Bsz, T, self.G, self.N), self.cfg.chunk_size, D=self.D,
-                        h0=None if state is None else state["ssm"], return_state=state is not None)
+                        h0=None if state is None else state["ssm"], return_state=state is not None,
+                        seq_idx=seq_idx)
         out = self._out(y.reshape(Bsz, T, self.d_inner), z)
         return out, (None if state is None else {"conv": conv_state, "ssm": h})
 

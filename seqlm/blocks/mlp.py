@@ -45,7 +45,7 @@ class MLP(Block):
         self.out_proj = nn.Linear(h, d_model, bias=cfg.bias)
         self.init_weights()
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, seq_idx=None):
         if self.kind == "gelu":
             h = F.gelu(self.up_proj(x))
         elif self.kind == "gelu_tanh":

@@ -142,8 +142,11 @@ def _results(chunks: list[Chunk], tok: Tokenizer, text_field: str, separator: Op
     """encode_chunk's results in chunk order, from ``workers`` processes (bounded in flight)."""
     if workers <= 1 or len(chunks) <= 1:
         _init_worker(tok, pool=False)
-        for c in chunks:
-            yield _work(c, text_field, separator, dtype)
+        try:
+            for c in chunks:
+                yield _work(c, text_field, separator, dtype)
+        finally:
+            _WORKER.clear()
         return
     with _context().Pool(min(workers, len(chunks)), _init_worker, (tok,)) as pool:
         todo = iter(chunks)

@@ -11,7 +11,7 @@
     mamba      one matrix per channel d (heads = d_inner):
                M_d[l,s] = sum_n C_l[n] B_s[n] delta_s[d] exp(A[d,n] sum_{k=s+1..l} delta_k[d]) + D_d
                                                                 values x (after conv + SiLU)
-    h3         M_h[t,u] = sum_i q_t[h,i] (K_(h,i)[t-u] + D_(h,i) [t=u]) shift(k)_u[h,i]
+    h3         M_h[t,u] = (K_h[t-u] + D_h [t=u]) sum_i q_t[h,i] shift(k)_u[h,i]
                                                                 values v
   The gate (Mamba's z, Mamba-2's gated norm) and out_proj act after the mixing, as in the
   blocks; tests/test_distill.py checks each matrix against the block's own forward.
@@ -129,20 +129,21 @@ def mamba_matrix(blk, u: Tensor, chunk: int = 16) -> Tensor:
 
 
 def h3_matrix(blk, u: Tensor) -> Tensor:
-    """(B, H, L, L) with H = d_model / head_dim heads, acting on v per head."""
+    """(B, H, L, L) with H = d_model / head_dim heads, acting on v per head; the diagonal SSM
+    (kernel K_h and skip D_h) is shared by a head's channels."""
     Bsz, L, _ = u.shape
     q, k = blk.q_proj(u), blk.k_proj(u)
     ks, _ = causal_conv1d_tokens(k, blk.shift_weight, None, None)
     log_a, _, b_bar, c = blk._ssm(u.dtype)
     ct = torch.promote_types(u.dtype, torch.float32)
-    K = diag_ssm_kernel(log_a, c * b_bar, L).to(ct)                      # (C, L) C = d_model
+    K = diag_ssm_kernel(log_a, c * b_bar, L).to(ct)                      # (H, L)
     idx = torch.arange(L, device=u.device)
     lag = idx[:, None] - idx[None, :]                                    # (L, L): t - u
-    T = K[:, lag.clamp(min=0)].masked_fill(lag < 0, 0.0)                 # (C, L, L) Toeplitz
+    T = K[:, lag.clamp(min=0)].masked_fill(lag < 0, 0.0)                 # (H, L, L) Toeplitz
     T = T + torch.diag_embed(blk.D.to(ct)[:, None].expand(-1, L))
     H, P = blk.H, blk.P
     qh, kh = q.to(ct).view(Bsz, L, H, P), ks.to(ct).view(Bsz, L, H, P)
-    return torch.einsum("bthi,hitu,buhi->bhtu", qh, T.view(H, P, L, L), kh)
+    return torch.einsum("bthi,htu,buhi->bhtu", qh, T, kh)
 
 
 _MATRIX = {"attention": attention_matrix, "mamba2": mamba2_matrix, "mamba": mamba_matrix, "h3": h3_matrix}

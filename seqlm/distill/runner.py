@@ -23,18 +23,21 @@ from seqlm.config import ConfigError, RunConfig, dump_config, parse_config
 from seqlm.distill.init import init_from_teacher, student_config
 from seqlm.distill.mixers import has_matrix
 from seqlm.distill.objectives import OBJECTIVES, trainable_names
-from seqlm.io import build_model, load_model, read_meta, save_checkpoint
+from seqlm.io import build_model, read_meta, save_checkpoint
 from seqlm.io.checkpoint import CheckpointError, find_checkpoint
 from seqlm.train.loop import autocast_dtype, estimate_loss, resolve_device, train
 from seqlm.train.metrics import read_metrics
 
 
 def load_teacher(path: str):
-    """-> (model in eval mode, RunConfig, tokenizer) from a seqlm checkpoint directory."""
+    """-> (model in eval mode, RunConfig, tokenizer) from a seqlm checkpoint (root, step or
+    model-only directory) or a local Hugging Face model directory (seqlm.io.pretrained.load_any)."""
+    from seqlm.io.pretrained import load_any
+
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"distill.teacher: no such directory {path!r}")
-    return load_model(p)
+    return load_any(p)
 
 
 def stage_names(cfg: RunConfig) -> list[str]:

@@ -83,7 +83,7 @@ def run_ppl(args) -> int:
         texts = ["\n".join(texts)]
     t0 = time.time()
     res = evaluate_perplexity(model, tok, texts, contexts, args.stride, args.batch_size, args.chunk,
-                              progress=not args.quiet)
+                              progress=not args.quiet, pack=args.pack)
     res.update(checkpoint=str(args.checkpoint), files=[str(f) for f in files], wall_s=time.time() - t0)
     for name, r in res["contexts"].items():
         bpb = r["bits_per_byte"]
@@ -172,6 +172,8 @@ def add_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--chunk", type=int, default=2048, help="tokens per model call inside long windows")
     p.add_argument("--join", action="store_true", help="score all documents as one sequence")
+    p.add_argument("--pack", action="store_true", help="pack short documents several to a window with "
+                   "their boundaries (seq_idx): same scores as one per window, less padding")
     p.add_argument("--max-chars", type=int, default=None, help="truncate each document (quick checks)")
     p.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/eval)")
     p.add_argument("--device", default="auto")

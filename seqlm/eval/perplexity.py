@@ -15,6 +15,11 @@ per-position loss curve: mean loss at window position ``p`` over every window (a
 positions, scored or not: position ``p`` always has ``p + 1`` tokens of context), the
 signature of whether a model uses long context.
 
+Document packing (``pack=True``): documents that fit in one window are packed several to a
+row with their boundaries (``seq_idx``, seqlm/ops/docs.py), so no padding is computed and
+each is still scored exactly as if alone (nothing crosses a boundary: attention masks and
+SSM state resets in the model); documents needing several windows run as above.
+
 ``context=None`` ("full") scores each document in one window. Windows longer than
 ``chunk`` tokens run through the model's stateful path chunk by chunk (KV caches, SSM states,
 HMT memory), so memory stays bounded; HMT models (``unbounded_context``) thereby evaluate
@@ -64,11 +69,17 @@ def plan_windows(n: int, context: Optional[int], stride: Optional[int]) -> list[
     return out
 
 
-def _hidden_logprobs(model, x: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:
+def _hidden_logprobs(model, x: torch.Tensor, y: torch.Tensor, chunk: int, seq_idx=None) -> torch.Tensor:
     """NLL of targets ``y`` (b, T) given inputs ``x`` (b, T): (b, T) float32. The LM head runs
     on ``chunk`` positions at a time (bounded logits memory); windows longer than ``chunk`` go
-    through the stateful path chunk by chunk."""
+    through the stateful path chunk by chunk (not packed rows: ``seq_idx`` needs T <= chunk)."""
     b, T = x.shape
+    if seq_idx is not None:
+        h, _ = model.hidden(x, None, seq_idx=seq_idx)
+        logits = model.head(h)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        return F.cross_entropy(logits.transpose(1, 2), y, reduction="none", ignore_index=-100)
     if T > chunk:  # stateful path: bounded activations whatever the window length
         state = model.init_state(b, T)
         pieces = [(i, x[:, i:i + chunk]) for i in range(0, T, chunk)]
@@ -89,7 +100,7 @@ def _hidden_logprobs(model, x: torch.Tensor, y: torch.Tensor, chunk: int) -> tor
 @torch.no_grad()
 def score_documents(model, docs: Sequence[Sequence[int]], context: Optional[int], stride: Optional[int] = None,
                     batch_size: int = 8, chunk: int = 2048, progress: bool = True,
-                    return_token_nll: bool = False) -> dict:
+                    return_token_nll: bool = False, pack: bool = False) -> dict:
     """Score token documents with sliding windows (module doc). Returns ``nll`` (total, nats),
     ``n_tokens`` (targets scored), ``pos_sum`` / ``pos_cnt`` (per-position sums and counts),
     ``counts`` (times each target was scored, per document: all ones) and, with
@@ -99,13 +110,45 @@ def score_documents(model, docs: Sequence[Sequence[int]], context: Optional[int]
     model.eval()
     arrays = [np.asarray(d, dtype=np.int64) for d in docs]
     jobs = [(di, s, T, j0) for di, a in enumerate(arrays) for s, T, j0 in plan_windows(len(a), context, stride)]
+    rows = []
+    if pack:  # whole-document windows of at most `cap` tokens: packed rows of several documents
+        cap = min(context or chunk, chunk)
+        nwin = np.bincount([j[0] for j in jobs], minlength=len(arrays))
+        packable = [j for j in jobs if nwin[j[0]] == 1 and j[2] <= cap]
+        jobs = [j for j in jobs if not (nwin[j[0]] == 1 and j[2] <= cap)]
+        rows = _pack_rows(packable, cap)
     jobs.sort(key=lambda j: -j[2])  # equal lengths batch together without padding
     tok_nll = [np.zeros(max(0, len(a) - 1)) for a in arrays]
     counts = [np.zeros(max(0, len(a) - 1), dtype=np.int64) for a in arrays]
     Tmax = max((j[2] for j in jobs), default=0)
+    if rows:
+        Tmax = max(Tmax, max(j[2] for r in rows for j in r))
     pos_sum, pos_cnt = np.zeros(Tmax), np.zeros(Tmax, dtype=np.int64)
-    bar = tqdm(total=len(jobs), disable=not progress, desc=f"ppl ctx={context or 'full'}", unit="win",
-               dynamic_ncols=True, leave=False)
+    bar = tqdm(total=len(jobs) + sum(map(len, rows)), disable=not progress, desc=f"ppl ctx={context or 'full'}",
+               unit="win", dynamic_ncols=True, leave=False)
+    for b0 in range(0, len(rows), batch_size):
+        batch = rows[b0:b0 + batch_size]
+        L = max(sum(j[2] for j in r) for r in batch)
+        x = torch.zeros(len(batch), L, dtype=torch.long)
+        y = torch.full((len(batch), L), -100, dtype=torch.long)
+        si = torch.zeros(len(batch), L, dtype=torch.long)
+        for r, row in enumerate(batch):
+            o = 0
+            for d, (di, s, T, _) in enumerate(row):
+                w = torch.from_numpy(arrays[di][s:s + T + 1])
+                x[r, o:o + T], y[r, o:o + T], si[r, o:] = w[:-1], w[1:], d
+                o += T
+            si[r, o:] = len(row)  # padding: a document of its own
+        nll = _hidden_logprobs(model, x.to(dev), y.to(dev), chunk, si.to(dev)).double().cpu().numpy()
+        for r, row in enumerate(batch):
+            o = 0
+            for di, s, T, _ in row:
+                pos_sum[:T] += nll[r, o:o + T]
+                pos_cnt[:T] += 1
+                tok_nll[di][:T] = nll[r, o:o + T]
+                counts[di][:T] += 1
+                o += T
+        bar.update(sum(map(len, batch)))
     for b0 in range(0, len(jobs), batch_size):
         batch = jobs[b0:b0 + batch_size]
         L = max(j[2] for j in batch)
@@ -128,6 +171,21 @@ def score_documents(model, docs: Sequence[Sequence[int]], context: Optional[int]
     if return_token_nll:
         res["token_nll"] = tok_nll
     return res
+
+
+def _pack_rows(jobs, cap: int) -> list[list]:
+    """First-fit decreasing: single-window jobs (di, 0, T, 0) into rows of at most cap tokens."""
+    rows, room = [], []
+    for j in sorted(jobs, key=lambda j: -j[2]):
+        for i, r in enumerate(room):
+            if j[2] <= r:
+                rows[i].append(j)
+                room[i] -= j[2]
+                break
+        else:
+            rows.append([j])
+            room.append(cap - j[2])
+    return rows
 
 
 @torch.no_grad()
@@ -186,22 +244,23 @@ def encode_documents(tokenizer, texts: Sequence[str]) -> tuple[list[np.ndarray],
 
 def evaluate_perplexity(model, tokenizer, texts: Sequence[str], contexts: Sequence[Optional[int]],
                         stride: Optional[int] = None, batch_size: int = 8, chunk: int = 2048,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, pack: bool = False) -> dict:
     """Perplexity of text documents at each context length (None = full document).
-    ``stride`` None means half the context (rounded up). Returns {"contexts": {ctx: summary}}."""
+    ``stride`` None means half the context (rounded up). ``pack``: short documents packed
+    several to a window with their boundaries (module doc). Returns {"contexts": {ctx: summary}}."""
     docs, n_bytes = encode_documents(tokenizer, texts)
-    return evaluate_token_documents(model, docs, n_bytes, contexts, stride, batch_size, chunk, progress)
+    return evaluate_token_documents(model, docs, n_bytes, contexts, stride, batch_size, chunk, progress, pack)
 
 
 def evaluate_token_documents(model, docs, n_bytes, contexts, stride=None, batch_size=8, chunk=2048,
-                             progress=True) -> dict:
+                             progress=True, pack=False) -> dict:
     results = {}
     for ctx in contexts:
         if ctx is not None and stride is not None and stride > ctx:
             raise ValueError(f"stride: {stride} is larger than context {ctx}; every token would "
                              f"not be scored (use stride <= the smallest context)")
         st = stride if stride is not None else (None if ctx is None else max(1, -(-ctx // 2)))
-        res = score_documents(model, docs, ctx, st, batch_size, chunk, progress)
+        res = score_documents(model, docs, ctx, st, batch_size, chunk, progress, pack=pack)
         results[str(ctx) if ctx is not None else "full"] = {"context": ctx, "stride": st, **summarize(res, n_bytes)}
     return {"n_documents": len(docs), "unbounded_model": is_unbounded(model), "contexts": results}
 

@@ -87,6 +87,9 @@ def convert_to_hf(checkpoint, out) -> dict:
 
     kind = json.loads((path / "config.json").read_text())["model_type"]
     print(f"exported {checkpoint} as {kind} -> {path}")
+    if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
+        print(f"note: the {tok.type} tokenizer has no transformers equivalent; no tokenizer files written "
+              f"(ids: see the seqlm checkpoint's tokenizer/)")
     return {"out": str(path), "model_type": kind}
 
 

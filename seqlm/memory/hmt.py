@@ -26,6 +26,12 @@ Two paths compute the same function:
   positions), the previous memory, the cache (<= recall_cache) and <= max(k, query_len) token
   embeddings, so memory is bounded by the segment, not by the input. What the state carries
   across segments is detached (train with the stateless path).
+
+Packed windows (``seq_idx``, seqlm/ops/docs.py): every document is run as its own input, its
+segments aligned to its first token, starting from the initial memory with an empty cache,
+so no memory crosses a document boundary. Documents with the same number of segments are
+right-padded to that many full segments and batched (causal backbone: the padding never
+reaches a real token; a padded segment's memory is read by no later real segment).
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ import torch
 from seqlm.config import MemoryConfig, ModelConfig
 from seqlm.memory.recall import HMTMemory
 from seqlm.model import LM
+from seqlm.ops.docs import check_seq_idx, segments
 
 
 class HMT(LM):
@@ -115,6 +122,26 @@ class HMT(LM):
                 last, prev, cache = m, tail, self._push(cache, m)
         return torch.cat(out, 1) if out else emb
 
+    def _documents(self, emb: torch.Tensor, seq_idx: torch.Tensor) -> torch.Tensor:
+        """emb (B, T, D), seq_idx (B, T) -> hidden states (B, T, D), each document run alone."""
+        B, T, D = emb.shape
+        flat = emb.reshape(B * T, D)
+        starts, lens = segments(seq_idx)
+        nseg = (lens + self.seg_len - 1) // self.seg_len
+        pos, vals = [], []
+        for S in nseg.unique().tolist():
+            sel = nseg == S
+            ar = torch.arange(S * self.seg_len)
+            valid = ar < lens[sel, None]                              # (m, S*L)
+            idx = torch.where(valid, starts[sel, None] + ar, 0).to(emb.device)
+            valid = valid.to(emb.device)
+            x = flat[idx] * valid[..., None].to(emb.dtype)            # padding: zero embeddings
+            h = self._segments(x)                                     # (m, S*L, D)
+            pos.append(idx[valid])
+            vals.append(h[valid])
+        out = emb.new_zeros(B * T, D).index_copy(0, torch.cat(pos), torch.cat(vals))
+        return out.view(B, T, D)
+
     # -- stateful path (streaming, generation) -------------------------------------------
     def init_state(self, batch: int, max_len: int = 0, device=None, dtype=None):
         """A fresh streaming state; ``max_len`` is ignored (memory is bounded by the segment)."""
@@ -165,14 +192,21 @@ class HMT(LM):
         return torch.cat(out, 1) if out else emb
 
     # -- the LM interface ------------------------------------------------------------------
-    def hidden_from_embeddings(self, emb: torch.Tensor, state=None):
-        """Token embeddings (B, T, D) -> final-normed hidden states (B, T, D), new state."""
+    def hidden_from_embeddings(self, emb: torch.Tensor, state=None, seq_idx=None):
+        """Token embeddings (B, T, D) -> final-normed hidden states (B, T, D), new state.
+        ``seq_idx`` (B, T): documents of a packed window, each run on its own (stateless only)."""
+        if seq_idx is not None:
+            if state is not None:
+                raise ValueError("seq_idx: HMT takes document boundaries only in the stateless "
+                                 "(training / whole-window) path, not with a streaming state")
+            check_seq_idx(seq_idx, emb.shape[0], emb.shape[1])
+            return self._documents(emb, seq_idx), None
         if state is None:
             return self._segments(emb), None
         return self._stream(emb, state), state
 
-    def hidden(self, tokens: torch.Tensor, state=None):
-        return self.hidden_from_embeddings(self.drop(self.embed(tokens)), state)
+    def hidden(self, tokens: torch.Tensor, state=None, seq_idx=None):
+        return self.hidden_from_embeddings(self.drop(self.embed(tokens)), state, seq_idx)
 
     def step(self, token: torch.Tensor, state):
         """token (B, 1) -> logits (B, 1, V); rolls to a new segment when the current one fills."""

@@ -1,8 +1,10 @@
 """Causal (optionally sliding-window) attention with a query offset, for training, chunked
 prefill against a KV cache and single-token decode.
 
-``attention(q, k, v, q_offset, window)``: q (B, H, Tq, hd), k/v (B, Hkv, Tk, hd), query i
-sits at absolute position ``q_offset + i`` and key j at position j. Uses flash-attn on CUDA
+``attention(q, k, v, q_offset, window, seq_idx)``: q (B, H, Tq, hd), k/v (B, Hkv, Tk, hd),
+query i sits at absolute position ``q_offset + i`` and key j at position j. ``seq_idx``
+(B, Tq) marks documents (seqlm/ops/docs.py): a query sees only keys of its own document
+(block-diagonal causal mask; keys before ``q_offset`` count as document 0). Uses flash-attn on CUDA
 when it is importable, else ``scaled_dot_product_attention``. ``attention_ref`` is the
 obvious softmax(QK^T) reference the tests compare against.
 """
@@ -15,8 +17,9 @@ import torch.nn.functional as F
 
 try:  # optional CUDA fast path
     from flash_attn import flash_attn_func as _flash_attn_func  # type: ignore
+    from flash_attn import flash_attn_varlen_func as _flash_varlen  # type: ignore
 except Exception:  # noqa: BLE001 - any import failure means "not available"
-    _flash_attn_func = None
+    _flash_attn_func = _flash_varlen = None
 
 
 FLASH_MAX_HEAD_DIM = 256  # flash_api.cpp: head dimension at most 256
@@ -42,9 +45,62 @@ def _mask(Tq: int, Tk: int, q_offset: int, window: int | None, device) -> torch.
     return m  # (Tq, Tk) bool, True = attend
 
 
-def attention(q, k, v, q_offset: int = 0, window: int | None = None) -> torch.Tensor:
+def _doc_mask(Tq: int, Tk: int, q_offset: int, window: int | None, seq_idx) -> torch.Tensor:
+    """(B, 1, Tq, Tk) bool: causal (and window) mask restricted to each query's document."""
+    kdoc = torch.zeros(seq_idx.shape[0], Tk, dtype=seq_idx.dtype, device=seq_idx.device)
+    kdoc[:, q_offset:q_offset + Tq] = seq_idx[:, :Tk - q_offset]  # keys before q_offset: doc 0
+    same = seq_idx[:, :, None] == kdoc[:, None, :]                  # (B, Tq, Tk)
+    return (same & _mask(Tq, Tk, q_offset, window, seq_idx.device))[:, None]
+
+
+def _flash_docs(q, k, v, window, seq_idx):
+    """flash-attn varlen over the documents of a packed window (q/k/v (B, H*, T, hd))."""
+    from seqlm.ops.docs import segments
+
+    B, H, T, hd = q.shape
+    starts, lens = segments(seq_idx)
+    cu = torch.cat([starts, starts.new_tensor([B * T])]).to(torch.int32).to(q.device)
+    flat = lambda t: t.transpose(1, 2).reshape(B * T, t.shape[1], hd)  # noqa: E731
+    out = _flash_varlen(flat(q), flat(k), flat(v), cu, cu, int(lens.max()), int(lens.max()), causal=True,
+                        window_size=(window - 1, 0) if window else (-1, -1))
+    return out.view(B, T, H, hd).transpose(1, 2)
+
+
+def _sdpa_docs(q, k, v, seq_idx):
+    """Causal attention inside each document of a packed window, without a (T, T) mask: the
+    documents are gathered into length buckets (seqlm/ops/docs.py, right-padded) and each
+    bucket runs SDPA with ``is_causal`` (its fast kernel); work ~ sum of squared document
+    lengths instead of T^2. q (B, H, T, hd), k/v (B, Hkv, T, hd)."""
+    from seqlm.ops.docs import bucket_layout, segments
+
+    B, H, T, hd = q.shape
+    Hkv = k.shape[1]
+    starts, lens = segments(seq_idx)
+    src, real, buckets = bucket_layout(starts, lens, B * T)
+    src, real = src.to(q.device), real.to(q.device)
+    flat = lambda t: t.transpose(1, 2).reshape(B * T, t.shape[1], hd)[src]  # noqa: E731  (P, H*, hd)
+    sizes = [m * n for m, n in buckets]
+    outs = []
+    for (m, n), qs, ks, vs in zip(buckets, *(flat(t).split(sizes) for t in (q, k, v))):
+        o = F.scaled_dot_product_attention(*(t.view(m, n, -1, hd).transpose(1, 2) for t in (qs, ks, vs)),
+                                           is_causal=True, enable_gqa=Hkv != H)
+        outs.append(o.transpose(1, 2).reshape(m * n, H, hd))
+    vals = torch.cat(outs)[real]                                   # real tokens, bucket order
+    inv = torch.empty(B * T, dtype=torch.long, device=q.device)
+    inv[src[real]] = torch.arange(len(vals), device=q.device)
+    return vals[inv].view(B, T, H, hd).transpose(1, 2)
+
+
+def attention(q, k, v, q_offset: int = 0, window: int | None = None, seq_idx=None) -> torch.Tensor:
     B, H, Tq, hd = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
+    if seq_idx is not None:
+        if use_flash(q, k, v) and _flash_varlen is not None and q_offset == 0 and Tq == Tk:
+            return _flash_docs(q, k, v, window, seq_idx)
+        if window is None and q_offset == 0 and Tq == Tk:
+            return _sdpa_docs(q, k, v, seq_idx)
+        mask = _doc_mask(Tq, Tk, q_offset, window, seq_idx)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)
     if use_flash(q, k, v) and Tk == q_offset + Tq:
         out = _flash_attn_func(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
@@ -60,13 +116,19 @@ def attention(q, k, v, q_offset: int = 0, window: int | None = None) -> torch.Te
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
-def attention_ref(q, k, v, q_offset: int = 0, window: int | None = None) -> torch.Tensor:
+def attention_ref(q, k, v, q_offset: int = 0, window: int | None = None, seq_idx=None) -> torch.Tensor:
     H, Hkv = q.shape[1], k.shape[1]
     if Hkv != H:
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)
     s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     mask = _mask(q.shape[2], k.shape[2], q_offset, window, q.device)
+    if seq_idx is not None:  # key j (absolute) belongs to doc seq_idx[j - q_offset], or 0 before
+        Tq, Tk = q.shape[2], k.shape[2]
+        docs = [[int(seq_idx[b, j - q_offset]) if j >= q_offset else 0 for j in range(Tk)]
+                for b in range(q.shape[0])]
+        kd = torch.tensor(docs, device=q.device)
+        mask = mask & (seq_idx[:, :, None] == kd[:, None, :])[:, None]
     s = s.masked_fill(~mask, float("-inf"))
     return torch.softmax(s, dim=-1) @ v
 

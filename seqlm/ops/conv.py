@@ -78,25 +78,27 @@ class _ConvTokens(torch.autograd.Function):
 
     Holds only xp for backward (the pre-activation is recomputed) and runs over cache-sized
     blocks of positions (``ops.blocks``): the K shifted multiply-adds, the SiLU and their
-    backward then make their passes in cache instead of over the whole sequence."""
+    backward then make their passes in cache instead of over the whole sequence.
+    ``keep`` (B, L, K-1) or None: tap k (input t - (K-1-k)) counts only where
+    ``keep[..., K-2-k]`` is 1 (same document, seqlm/ops/docs.py)."""
 
     @staticmethod
-    def forward(ctx, xp, wt, bias, silu: bool):
+    def forward(ctx, xp, wt, bias, silu: bool, keep=None):
         Bsz, Lp, C = xp.shape
         K = wt.shape[0]
         L = Lp - K + 1
         y = xp.new_empty(Bsz, L, C)
         for sl in ops.blocks(L, Bsz * C):
-            a = _conv_block(xp, wt, bias, sl, out=y[:, sl])
+            a = _conv_block(xp, wt, bias, sl, out=y[:, sl], keep=keep)
             if silu:
                 F.silu(a, inplace=True)
-        ctx.save_for_backward(xp, wt, bias)
+        ctx.save_for_backward(xp, wt, bias, keep)
         ctx.silu = silu
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        xp, wt, bias = ctx.saved_tensors
+        xp, wt, bias, keep = ctx.saved_tensors
         Bsz, Lp, C = xp.shape
         K = wt.shape[0]
         L = Lp - K + 1
@@ -106,18 +108,19 @@ class _ConvTokens(torch.autograd.Function):
         for sl in ops.blocks(L, Bsz * C):
             ga = gy[:, sl]
             if ctx.silu:
-                ga = torch.ops.aten.silu_backward(ga, _conv_block(xp, wt, bias, sl))
+                ga = torch.ops.aten.silu_backward(ga, _conv_block(xp, wt, bias, sl, keep=keep))
             if gb is not None:
                 gb += ga.sum((0, 1))
             n = sl.stop - sl.start
             for k in range(K):
                 xs = xp[:, sl.start + k:sl.start + k + n]
-                gw[k] += torch.linalg.vecdot(ga.reshape(-1, C), xs.reshape(-1, C), dim=0)
-                gxp[:, sl.start + k:sl.start + k + n].addcmul_(ga, wt[k])
-        return gxp, gw, gb, None
+                gk = ga if (keep is None or k == K - 1) else ga * keep[:, sl, K - 2 - k, None]
+                gw[k] += torch.linalg.vecdot(gk.reshape(-1, C), xs.reshape(-1, C), dim=0)
+                gxp[:, sl.start + k:sl.start + k + n].addcmul_(gk, wt[k])
+        return gxp, gw, gb, None, None
 
 
-def _conv_block(xp, wt, bias, sl, out=None):
+def _conv_block(xp, wt, bias, sl, out=None, keep=None):
     """Pre-activation of output positions ``sl`` (B, n, C), written to ``out`` if given."""
     K, n = wt.shape[0], sl.stop - sl.start
     last = xp[:, sl.start + K - 1:sl.stop + K - 1]
@@ -126,18 +129,31 @@ def _conv_block(xp, wt, bias, sl, out=None):
     else:  # the bias joins the first multiply-add (one pass fewer)
         a = torch.addcmul(bias, last, wt[K - 1], out=out)
     for k in range(K - 1):
-        a.addcmul_(xp[:, sl.start + k:sl.start + k + n], wt[k])
+        xs = xp[:, sl.start + k:sl.start + k + n]
+        if keep is not None:  # drop inputs of an earlier document
+            xs = xs * keep[:, sl, K - 2 - k, None]
+        a.addcmul_(xs, wt[k])
     return a
 
 
 @ops.no_autocast
 def causal_conv1d_tokens(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                         state: Optional[torch.Tensor] = None, activation: Optional[str] = None):
+                         state: Optional[torch.Tensor] = None, activation: Optional[str] = None,
+                         seq_idx: Optional[torch.Tensor] = None):
     """Token-major form: x (B, L, C) -> (y (B, L, C), new_state), state (B, C, K-1) as above.
 
     The blocks' projections produce (B, L, C); shifting along L in this layout needs no
-    transposes (``x`` may be a strided slice of a wider projection)."""
-    if state is None and use_cuda_conv(x, weight, bias, activation):
+    transposes (``x`` may be a strided slice of a wider projection). ``seq_idx`` (B, L):
+    output t reads only inputs of its own document (the state counts as document 0); the new
+    state is the last K-1 inputs of the window's last document (zeros for earlier documents'
+    positions), which a later call continues as its document 0."""
+    cuda = state is None and use_cuda_conv(x, weight, bias, activation)
+    if seq_idx is not None and not cuda:
+        return _conv_tokens_docs(x, weight, bias, state, activation, seq_idx)
+    if cuda and seq_idx is not None:  # causal-conv1d takes seq_idx on channel-last input
+        y = _cc1d_fn(x.transpose(1, 2), weight, bias, seq_idx=seq_idx.to(torch.int32), activation=activation)
+        return y.transpose(1, 2), None
+    if cuda:
         y, st = causal_conv1d(x.transpose(1, 2), weight, bias, state, activation)
         return y.transpose(1, 2), st
     if activation not in (None, "silu"):
@@ -147,6 +163,23 @@ def causal_conv1d_tokens(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     # (K, C) contiguous: a strided per-tap weight row makes every multiply-add ~6x slower
     y = _ConvTokens.apply(xp, weight.t().contiguous(), bias, activation == "silu")
     new_state = None if state is None else xp[:, xp.shape[1] - (K - 1):].transpose(1, 2).contiguous()
+    return y, new_state
+
+
+def _conv_tokens_docs(x, weight, bias, state, activation, seq_idx):
+    from seqlm.ops.docs import same_doc_back
+
+    if activation not in (None, "silu"):
+        raise ValueError(f"causal_conv1d: activation must be None or 'silu', got {activation!r}")
+    K = weight.shape[1]
+    keep = torch.stack([same_doc_back(seq_idx, j) for j in range(1, K)], -1).to(x.dtype)  # (B, L, K-1)
+    xp = F.pad(x, (0, 0, K - 1, 0)) if state is None else torch.cat([state.transpose(1, 2).to(x.dtype), x], dim=1)
+    y = _ConvTokens.apply(xp, weight.t().contiguous(), bias, activation == "silu", keep)
+    new_state = None
+    if state is not None:
+        docs = F.pad(seq_idx, (K - 1, 0))[:, -(K - 1):]                      # (B, K-1), state: doc 0
+        last = (docs == seq_idx[:, -1:]).to(x.dtype)[:, None, :]
+        new_state = (xp[:, xp.shape[1] - (K - 1):].transpose(1, 2) * last).contiguous()
     return y, new_state
 
 
@@ -162,8 +195,9 @@ def causal_conv1d_step(x_t: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     return y, full[..., 1:].contiguous()
 
 
-def causal_conv1d_ref(x, weight, bias=None, activation=None):
-    """Obvious loop reference: y[:, c, t] = sum_k w[c, k] * x[:, c, t-K+1+k]."""
+def causal_conv1d_ref(x, weight, bias=None, activation=None, seq_idx=None):
+    """Obvious loop reference: y[:, c, t] = sum_k w[c, k] * x[:, c, t-K+1+k] (with ``seq_idx``
+    (B, L): only over inputs s of t's document)."""
     B, C, L = x.shape
     K = weight.shape[1]
     y = torch.zeros_like(x)
@@ -171,7 +205,8 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None):
         for k in range(K):
             s = t - K + 1 + k
             if s >= 0:
-                y[:, :, t] += weight[:, k] * x[:, :, s]
+                same = 1.0 if seq_idx is None else (seq_idx[:, s] == seq_idx[:, t]).to(x.dtype)[:, None]
+                y[:, :, t] += weight[:, k] * x[:, :, s] * same
     if bias is not None:
         y = y + bias[:, None]
     return F.silu(y) if activation == "silu" else y

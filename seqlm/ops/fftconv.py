@@ -5,12 +5,19 @@ rfft/irfft padded to 2L (no wrap-around), O(L log L), in fp32 (fp64 for fp64 inp
 ``diag_ssm_kernel(log_a, w, L)``: K[c, l] = 2 Re(sum_n w[c, n] exp(log_a[c, n] * l)), the
 kernel of a diagonal complex SSM, built as one batched matmul over sqrt(L)-sized blocks so
 memory stays near O(C * L) instead of O(C * N * L).
+``fft_conv_docs(u, k, D, seq_idx)``: the same convolution restarted at every document of a
+packed window (seqlm/ops/docs.py): each document is convolved on its own. Documents are
+gathered into batches by length bucket (half octaves: at most 50% padding), so the cost
+stays O(L log L) per window whatever the number of documents.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
+
+STEPS = 1  # fft_conv_docs buckets: 2^STEPS sizes per octave
 
 
 def fft_conv(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None) -> torch.Tensor:
@@ -28,13 +35,50 @@ def fft_conv(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None) ->
     return y.to(u.dtype)
 
 
-def fft_conv_ref(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None) -> torch.Tensor:
-    """Direct O(L^2) causal sum."""
+def fft_conv_docs(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None, seq_idx: torch.Tensor) -> torch.Tensor:
+    """u (B, C, L), k (C, L), D (C,), seq_idx (B, L) -> (B, C, L): y[t] sums only over inputs
+    of t's document.
+
+    One gather lays the documents out bucket after bucket, each bucket a (m, n) block of m
+    documents right-padded to n tokens (causal: the padding, any tokens, never reaches a real
+    output); the real outputs are gathered back in token order. When the rows' first
+    documents hold most tokens, the plain convolution of each row (exact up to its first
+    boundary) is kept and only the later documents are convolved on their own."""
+    from seqlm.ops.docs import bucket_layout, segments
+
+    B, C, L = u.shape
+    starts, lens = segments(seq_idx)                             # over the flattened B*L tokens
+    later = starts % L != 0                                      # documents not first in their row
+    y = None
+    if int(lens[later].sum()) * 2 < B * L:  # mostly first documents: plain conv, redo the rest
+        y = fft_conv(u, k, D)                                    # exact up to each row's first boundary
+        if not bool(later.any()):
+            return y
+        starts, lens = starts[later], lens[later]
+    src, dst, buckets = bucket_layout(starts, lens, B * L, STEPS)
+    src, dst = src.to(u.device), dst.to(u.device)
+    g = u.transpose(1, 2).reshape(B * L, C)[src]                 # (P, C), documents in buckets
+    outs = []
+    for (m, n), seg in zip(buckets, g.split([m * n for m, n in buckets])):  # split: no zero-filled grads
+        outs.append(fft_conv(seg.view(m, n, C).transpose(1, 2), k[:, :n], D).transpose(1, 2).reshape(m * n, C))
+    vals = torch.cat(outs)[dst]                                  # real outputs, bucket order
+    if y is None:  # every document was convolved: put the outputs back in token order
+        inv = torch.empty(B * L, dtype=torch.long, device=u.device)
+        inv[src[dst]] = torch.arange(len(vals), device=u.device)
+        return vals[inv].view(B, L, C).transpose(1, 2)
+    y = y.transpose(1, 2).reshape(B * L, C).index_copy(0, src[dst], vals)
+    return y.view(B, L, C).transpose(1, 2)
+
+
+def fft_conv_ref(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None,
+                 seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Direct O(L^2) causal sum (with ``seq_idx``: over inputs of the same document only)."""
     L = u.shape[-1]
     y = torch.zeros_like(u)
     for t in range(L):
         for s in range(t + 1):
-            y[..., t] += k[..., t - s] * u[..., s]
+            same = 1.0 if seq_idx is None else (seq_idx[:, s] == seq_idx[:, t]).to(u.dtype)[:, None]
+            y[..., t] += k[..., t - s] * u[..., s] * same
     if D is not None:
         y = y + u * D[:, None]
     return y

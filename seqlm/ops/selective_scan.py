@@ -20,7 +20,11 @@ the chunks in reverse, recomputes one chunk's states from its start state and ru
 adjoint recurrence g_t = C_t gy_t + exp(delta_{t+1} A) g_{t+1} - so memory is linear in L
 with a constant of a few (b, L, Dm) tensors plus (L/Q) states.
 
-On CUDA with mamba-ssm importable (and no initial state) ``selective_scan_fn`` is used.
+Documents (``seq_idx`` (b, L), seqlm/ops/docs.py): at the first token of a new document the
+decay exp(delta A) is replaced by 0, so h restarts from delta B u; the backward needs nothing
+else (the adjoint recurrence and d/d(delta A) both pass through the zeroed decay).
+
+On CUDA with mamba-ssm importable (no initial state, no seq_idx) ``selective_scan_fn`` is used.
 """
 from __future__ import annotations
 
@@ -72,10 +76,13 @@ def _chunk_states(dA: Tensor, dBu: Tensor, h: Tensor) -> Tensor:
     return hs
 
 
-def _chunk_inputs(u, delta, A2, B):
+def _chunk_inputs(u, delta, A2, B, keep=None):
     """(Q, b, Dm) u, delta; A2 = A log2(e); (Q, b, N) B -> decays dA = exp(delta A) and
-    inputs dBu = delta u B, both (Q, b, Dm, N). (exp2 is ~3x faster than exp on CPU.)"""
+    inputs dBu = delta u B, both (Q, b, Dm, N). (exp2 is ~3x faster than exp on CPU.)
+    ``keep`` (Q, b): 0 at a document's first token (its decay becomes 0: a state reset)."""
     dA = torch.exp2(delta[..., None] * A2)
+    if keep is not None:
+        dA.mul_(keep[:, :, None, None])
     dBu = (delta * u)[..., None] * B[:, :, None, :]
     return dA, dBu
 
@@ -91,7 +98,7 @@ class _ScanFn(torch.autograd.Function):
     Inner layout is time-major: u, delta (raw), z (L, b, Dm), B, C (L, b, N), h0 (b, Dm, N)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, h0, D, z, bias, softplus: bool, Q: int):
+    def forward(ctx, u, delta, A, B, C, h0, D, z, bias, softplus: bool, Q: int, keep=None):
         L, b, Dm = u.shape
         starts = list(range(0, L, Q))
         H = u.new_empty(len(starts), b, Dm, A.shape[1])       # state at each chunk start
@@ -102,7 +109,8 @@ class _ScanFn(torch.autograd.Function):
             e = min(s + Q, L)
             H[i] = h
             uc = u[s:e]
-            dA, dBu = _chunk_inputs(uc, _delta(delta[s:e], bias, softplus), A2, B[s:e])
+            dA, dBu = _chunk_inputs(uc, _delta(delta[s:e], bias, softplus), A2, B[s:e],
+                                    None if keep is None else keep[s:e])
             hs = _chunk_states(dA, dBu, h)                     # (q, b, Dm, N)
             yc = torch.einsum("qbdn,qbn->qbd", hs, C[s:e])
             if D is not None:
@@ -111,18 +119,19 @@ class _ScanFn(torch.autograd.Function):
                 yc.mul_(F.silu(z[s:e]))
             y[s:e] = yc
             h = hs[-1].clone()
-        ctx.save_for_backward(u, delta, A, B, C, H, D, z, bias)
+        ctx.save_for_backward(u, delta, A, B, C, H, D, z, bias, keep)
         ctx.Q, ctx.softplus = Q, softplus
         return y, h
 
     @staticmethod
     def backward(ctx, gy, gh_last):
-        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):  # fp32, like forward
-            return _ScanFn._backward(ctx, gy, gh_last)
+        saved = ctx.saved_tensors  # unpacked once: activation checkpointing allows no second unpack
+        with torch.autocast(saved[0].device.type, enabled=False):  # fp32, like forward
+            return _ScanFn._backward(ctx, saved, gy, gh_last)
 
     @staticmethod
-    def _backward(ctx, gy, gh_last):
-        u, delta, A, B, C, H, D, z, bias = ctx.saved_tensors
+    def _backward(ctx, saved, gy, gh_last):
+        u, delta, A, B, C, H, D, z, bias, keep = saved
         Q, softplus = ctx.Q, ctx.softplus
         L, b, Dm = u.shape
         gu, gdelta = torch.empty_like(u), torch.empty_like(delta)
@@ -140,7 +149,7 @@ class _ScanFn(torch.autograd.Function):
             e = min(s + Q, L)
             uc, Bc, Cc, gyc = u[s:e], B[s:e], C[s:e], gy[s:e]
             dc = _delta(delta[s:e], bias, softplus)
-            dA, dBu = _chunk_inputs(uc, dc, A2, Bc)
+            dA, dBu = _chunk_inputs(uc, dc, A2, Bc, None if keep is None else keep[s:e])
             hs = _chunk_states(dA, dBu, H[i])
             if z is not None:  # out = y * silu(z), y = C.h + D u
                 zc = z[s:e]
@@ -177,14 +186,16 @@ class _ScanFn(torch.autograd.Function):
             gdelta[s:e] = gdel
             if bias is not None:
                 gbias += gdel.sum((0, 1))
-        return gu, gdelta, gA, gB, gC, g, gD, gz, gbias, None, None
+        return gu, gdelta, gA, gB, gC, g, gD, gz, gbias, None, None, None
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                    D: Optional[Tensor] = None, z: Optional[Tensor] = None,
                    delta_bias: Optional[Tensor] = None, delta_softplus: bool = True,
-                   h0: Optional[Tensor] = None, chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, Tensor]:
-    """Selective scan over the whole sequence. Returns (y (b, L, Dm), h_last (b, Dm, N))."""
+                   h0: Optional[Tensor] = None, chunk: int = DEFAULT_CHUNK,
+                   seq_idx: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Selective scan over the whole sequence. Returns (y (b, L, Dm), h_last (b, Dm, N)).
+    ``seq_idx`` (b, L): reset the state at each document start (h0 feeds document 0)."""
     if chunk <= 0:
         raise ValueError(f"selective_scan: chunk must be > 0, got {chunk}")
     b, L, Dm = u.shape
@@ -192,7 +203,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     if delta.shape != u.shape or A.shape[0] != Dm or B.shape != (b, L, N) or C.shape != (b, L, N):
         raise ValueError(f"selective_scan: shapes u {tuple(u.shape)}, delta {tuple(delta.shape)}, "
                          f"A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)} do not agree")
-    if h0 is None and _use_cuda_kernel(u, delta, B, C) and _cuda_kernel_takes(u, A):
+    if h0 is None and seq_idx is None and _use_cuda_kernel(u, delta, B, C) and _cuda_kernel_takes(u, A):
         cu, cd, cA, cB, cC, cD, cz, cb = _cuda_args(u, delta, A, B, C, D, z, delta_bias)
         y, h_last = _ssfn(cu, cd, cA, cB, cC, cD, cz, cb, delta_softplus, return_last_state=True)
         return y.transpose(1, 2), h_last.to(u.dtype)
@@ -201,11 +212,16 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     if h0 is None:
         h0 = u.new_zeros(b, Dm, N, dtype=work)
     opt = lambda t: None if t is None else t.to(work)  # noqa: E731
+    keep = None
+    if seq_idx is not None:
+        from seqlm.ops.docs import doc_starts
+
+        keep = (~doc_starts(seq_idx)).t().to(work).contiguous()          # (L, b)
     # fp32 inside, autocast or not: autocast would run the forward's einsum/matmul in bf16 while
     # the backward (never under autocast) runs in fp32
     with torch.autocast(u.device.type, enabled=False):
         yT, h_last = _ScanFn.apply(tm(u), tm(delta), A.to(work), tm(B), tm(C), h0.to(work), opt(D),
-                                   None if z is None else tm(z), opt(delta_bias), delta_softplus, chunk)
+                                   None if z is None else tm(z), opt(delta_bias), delta_softplus, chunk, keep)
     y = yT.transpose(0, 1).to(u.dtype)
     return y, h_last.to(u.dtype)
 
@@ -229,12 +245,15 @@ def selective_scan_step(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
-                       h0=None, chunk=None):
-    """Obvious sequential recurrence, one token at a time (tests only; ``chunk`` ignored)."""
+                       h0=None, chunk=None, seq_idx=None):
+    """Obvious sequential recurrence, one token at a time (tests only; ``chunk`` ignored);
+    with ``seq_idx`` the state is zeroed before each document's first token."""
     b, L, Dm = u.shape
     h = u.new_zeros(b, Dm, A.shape[1]) if h0 is None else h0
     ys = []
     for t in range(L):
+        if seq_idx is not None and t > 0:
+            h = torch.where((seq_idx[:, t] != seq_idx[:, t - 1])[:, None, None], torch.zeros_like(h), h)
         y, h = selective_scan_step(u[:, t], delta[:, t], A, B[:, t], C[:, t], h, D,
                                    None if z is None else z[:, t], delta_bias, delta_softplus)
         ys.append(y)

@@ -10,6 +10,13 @@ B, C (b, L, G, N), D (H,), states h0 / h_last (b, H, P, N).
 tokens, chunk states passed by a linear loop over the L/Q chunks (a custom autograd
 function with a reverse loop for the backward). Time and memory are linear in L. On CUDA
 with mamba-ssm importable it calls ``mamba_chunk_scan_combined`` instead.
+
+Documents (``seq_idx`` (b, L), seqlm/ops/docs.py) are constant masks folded into the
+chunked algorithm: the intra-chunk matrix T keeps only same-document pairs, a chunk's local
+final state only its last document's tokens, the incoming state reaches only the tokens of
+the document it belongs to, and the chunk decay a becomes 0 when the chunk ends in another
+document than it started with. The backward reuses the masked T, w, a, exp(cum) (its
+derivations hold unchanged for constant masks) and masks dL/dT.
 """
 from __future__ import annotations
 
@@ -140,13 +147,28 @@ def _intra_bwd(T, cumT, xb, dtb, ep, em, hb, gyb):
 # chunks (``ops.blocks``) so that a block's intermediates stay in cache between the
 # elementwise passes and the small matrix products (on CPU ~1.5x faster than whole-sequence
 # passes, which are bound by memory bandwidth).
+def _doc_masks(seq_idx: Tensor, Q: int, dtype):
+    """seq_idx (b, L) (L a multiple of Q) -> per chunk k = (batch, chunk): Tm (K, 1, Q, Q)
+    same-document pairs, m_in (K, Q, 1) tokens of the document the incoming state belongs
+    to (the one before the chunk; 0 for the first chunk), m_end (K, Q, 1) tokens of the
+    chunk's last document."""
+    b, L = seq_idx.shape
+    si = seq_idx.reshape(b * (L // Q), Q)
+    prev = F.pad(seq_idx[:, Q - 1::Q][:, :-1], (1, 0)).reshape(-1, 1)  # doc before each chunk
+    Tm = (si[:, :, None] == si[:, None, :]).to(dtype)[:, None]
+    return Tm, (si == prev).to(dtype)[..., None], (si == si[:, -1:]).to(dtype)[..., None]
+
+
 class _SSDChunked(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, h0, D, Q: int):
+    def forward(ctx, x, dt, A, B, C, h0, D, Q: int, seq_idx=None):
         b, L, H, P = x.shape
         G, N = B.shape[2], B.shape[3]
         nc, Hg = L // Q, H // G
         K = b * nc
+        Tm = m_in = m_end = None
+        if seq_idx is not None:
+            Tm, m_in, m_end = _doc_masks(seq_idx, Q, x.dtype)
         cumT = (dt * A).view(K, Q, H).transpose(1, 2).contiguous().cumsum(-1)  # (K, H, Q)
         cum = cumT.transpose(1, 2)                                     # (K, Q, H) view
         Bc = B.view(K, Q, G, N).transpose(1, 2).contiguous()           # (K, G, Q, N)
@@ -156,6 +178,10 @@ class _SSDChunked(torch.autograd.Function):
         # would keep its strides, and every broadcast multiply with them would be strided)
         w = (cum[:, -1:] - cum).exp_().contiguous()                    # (K, Q, H)
         ecum = cum.exp().contiguous()                                  # (K, Q, H)
+        if Tm is not None:
+            T.mul_(Tm)
+            w.mul_(m_end)
+            ecum.mul_(m_in)
         xk, dtk = x.view(K, Q, H, P), dt.view(K, Q, H, 1)
         blocks = ops.blocks(K, Q * H * max(P, Q))
         ep, em, exact = _pivot(cum, blocks)
@@ -164,7 +190,10 @@ class _SSDChunked(torch.autograd.Function):
         for kb in blocks:
             torch.matmul(Bc[kb].mT, _grouped(xk[kb] * (dtk[kb] * w[kb, ..., None]), G), out=s[kb])
         # (3) pass states: S_in[c] = a_{c-1} S_in[c-1] + s[c-1], a linear loop over chunks
-        a = cumT[..., -1].exp().reshape(b, nc, G, 1, Hg, 1)            # chunk decays
+        a = cumT[..., -1].exp()                                        # chunk decays (K, H)
+        if m_in is not None:  # a chunk ending in another document passes no state on
+            a.mul_(m_in[:, -1])
+        a = a.reshape(b, nc, G, 1, Hg, 1)
         S = torch.empty_like(s).view(b, nc, G, N, Hg, P)
         s6 = s.view(b, nc, G, N, Hg, P)
         S[:, 0] = h0.reshape(b, G, Hg, P, N).permute(0, 1, 4, 2, 3)
@@ -186,14 +215,14 @@ class _SSDChunked(torch.autograd.Function):
             if D is not None:  # the D x skip, fused here while the block is in cache
                 out[kb].addcmul_(xk[kb], D[:, None])
         out = out.view(b, L, H, P)
-        ctx.save_for_backward(x, dt, A, Bc, Cc, cumT, T, w, a, S, h_last, out, D, ep, em)
+        ctx.save_for_backward(x, dt, A, Bc, Cc, cumT, T, w, a, S, h_last, out, D, ep, em, seq_idx)
         ctx.Q, ctx.exact = Q, exact
         # contiguous (b, H, P, N): decode steps then run on a dense state
         return out, h_last.permute(0, 1, 3, 4, 2).contiguous().view(b, H, P, N)
 
     @staticmethod
     def backward(ctx, gy, gh):
-        x, dt, A, Bc, Cc, cumT, T, w, a, S, h_last, out, D, ep, em = ctx.saved_tensors
+        x, dt, A, Bc, Cc, cumT, T, w, a, S, h_last, out, D, ep, em, seq_idx = ctx.saved_tensors
         Q = ctx.Q
         b, L, H, P = x.shape
         nc, G, N = L // Q, Bc.shape[1], Bc.shape[3]
@@ -203,6 +232,10 @@ class _SSDChunked(torch.autograd.Function):
         gy = gy.contiguous().view(K, Q, H, P) if gy is not None else x.new_zeros(K, Q, H, P)
         outk, S4 = out.view(K, Q, H, P), S.view(K, G, N, Hg * P)
         ecum = cum.exp().contiguous()
+        Tm = None
+        if seq_idx is not None:
+            Tm, m_in, _ = _doc_masks(seq_idx, Q, x.dtype)
+            ecum.mul_(m_in)
         blocks = ops.blocks(K, Q * H * max(P, Q))
         # Gradient of the log-decays: exp(cum_i) (rows of the decays, y_off) gives
         # <gy_i, out_i>; exp(-cum_j) (columns, w) gives -dt_j <gu_j, x_j>; exp(cum_last)
@@ -244,6 +277,8 @@ class _SSDChunked(torch.autograd.Function):
             torch.matmul(_grouped(xb * (dtb * wb), G), gs4[kb].mT, out=gB[kb])  # (n, G, Q, N)
             # (1) the intra-chunk product; gu = dL/du
             gT, gu = _intra_bwd(T[kb], cumT[kb], xb, dtb, ep[kb], em[kb], hb, gy[kb])
+            if Tm is not None:
+                gT.mul_(Tm[kb])
             gu.addcmul_(_tokens(Bc[kb] @ gs4[kb], H), wb)
             gC[kb] += gT @ Bc[kb]
             gB[kb] += gT.mT @ Cc[kb]
@@ -258,7 +293,7 @@ class _SSDChunked(torch.autograd.Function):
         gA = (gdA * dt).sum((0, 1))
         gB = gB.transpose(1, 2).reshape(b, L, G, N)
         gC = gC.transpose(1, 2).reshape(b, L, G, N)
-        return gx.view(b, L, H, P), gdt, gA, gB, gC, gh0, gD, None
+        return gx.view(b, L, H, P), gdt, gA, gB, gC, gh0, gD, None, None
 
 
 class _SSDIntra(torch.autograd.Function):
@@ -267,20 +302,26 @@ class _SSDIntra(torch.autograd.Function):
     (about half the work at short training windows)."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C):
+    def forward(ctx, x, dt, A, B, C, seq_idx=None):
         cumT = (dt * A).transpose(1, 2).contiguous().cumsum(-1)                  # (b, H, L)
         Bh, Ch = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()  # (b, G, L, N)
         T = (Ch @ Bh.mT).tril_()                                                  # (b, G, L, L)
+        Tm = None
+        if seq_idx is not None:  # same-document pairs only
+            Tm = (seq_idx[:, :, None] == seq_idx[:, None, :]).to(x.dtype)[:, None]
+            T.mul_(Tm)
         ep, em, (hb,) = _pivot(cumT.transpose(1, 2), [slice(0, x.shape[0])])
         out = _intra_fwd(T, cumT, x, dt[..., None], ep, em, hb)                   # (b, L, H, P)
-        ctx.save_for_backward(x, dt, A, Bh, Ch, cumT, T, out, ep, em)
+        ctx.save_for_backward(x, dt, A, Bh, Ch, cumT, T, out, ep, em, Tm)
         ctx.hb = hb
         return out
 
     @staticmethod
     def backward(ctx, gy):
-        x, dt, A, Bh, Ch, cumT, T, out, ep, em = ctx.saved_tensors
+        x, dt, A, Bh, Ch, cumT, T, out, ep, em, Tm = ctx.saved_tensors
         gT, gu = _intra_bwd(T, cumT, x, dt[..., None], ep, em, ctx.hb, gy.contiguous())
+        if Tm is not None:
+            gT.mul_(Tm)
         # d/dcum: rows exp(cum_i) give <gy_i, out_i>, columns exp(-cum_j) give -dt_j <gu_j, x_j>
         gux = torch.linalg.vecdot(gu, x)                                          # (b, L, H)
         gcum = torch.linalg.vecdot(gy, out) - gux * dt
@@ -290,16 +331,17 @@ class _SSDIntra(torch.autograd.Function):
         gx = gu * dt[..., None]
         gdt = gdA * A + gux
         gA = (gdA * dt).sum((0, 1))
-        return gx, gdt, gA, gB, gC
+        return gx, gdt, gA, gB, gC, None
 
 
 @ops.no_autocast
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int = 64,
              D: Optional[Tensor] = None, h0: Optional[Tensor] = None,
-             return_state: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+             return_state: bool = True, seq_idx: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """Chunked SSD. Returns y (b, L, H, P) and the final state h_last (b, H, P, N)
     (None with ``return_state=False``, which lets a zero-state window of at most one chunk
-    skip the state terms)."""
+    skip the state terms). ``seq_idx`` (b, L): the state restarts at each document (h0 feeds
+    document 0; h_last is the last document's state)."""
     b, L, H, P = x.shape
     G = B.shape[2]
     if H % G:
@@ -315,21 +357,26 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     if use_triton_ssd(x, dt, B, C):
         # mamba_chunk_scan_combined's contract (ssd_combined.py): x (b, L, H, P), dt (b, L, H),
         # A (H,), B/C (b, L, G, N), D (H,) or (H, P), initial_states (b, H, P, N)
-        y, h_last = _mcsc(x, dt, A.float(), B, C, chunk_size, D=D, initial_states=h0, return_final_states=True)
+        y, h_last = _mcsc(x, dt, A.float(), B, C, chunk_size, D=D, initial_states=h0, return_final_states=True,
+                          **({} if seq_idx is None else {"seq_idx": seq_idx.to(torch.int32)}))
         return y, h_last
     Q = min(chunk_size, L)
     if h0 is None and not return_state and L <= chunk_size:
-        y = _SSDIntra.apply(x.contiguous(), dt.contiguous(), A, B.contiguous(), C.contiguous())
+        y = _SSDIntra.apply(x.contiguous(), dt.contiguous(), A, B.contiguous(), C.contiguous(), seq_idx)
         return (y + x * D[:, None] if D is not None else y), None
     pad = (-L) % Q
     xs, dts, Bs, Cs = x, dt, B, C
     if pad:  # padded steps have dt = 0: no input and decay 1, so h_last is unchanged
         xs, Bs, Cs = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
         dts = F.pad(dt, (0, 0, 0, pad))
+        if seq_idx is not None:  # padded steps join the last document
+            seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], 1)
     if h0 is None:
         h0 = x.new_zeros(b, H, P, B.shape[3])
     xs, dts, Bs, Cs = (t.contiguous() for t in (xs, dts, Bs, Cs))
-    y, h_last = _SSDChunked.apply(xs, dts, A, Bs, Cs, h0, D, Q)
+    if seq_idx is not None:
+        seq_idx = seq_idx.contiguous()
+    y, h_last = _SSDChunked.apply(xs, dts, A, Bs, Cs, h0, D, Q, seq_idx)
     if pad:
         y = y[:, :L]
     return y, (h_last if return_state else None)
@@ -369,13 +416,16 @@ def ssd_step_ref(x, dt, A, B, C, h, D=None):
     return y, h
 
 
-def ssd_ref(x, dt, A, B, C, D=None, h0=None):
-    """Obvious sequential recurrence, one token at a time (tests only)."""
+def ssd_ref(x, dt, A, B, C, D=None, h0=None, seq_idx=None):
+    """Obvious sequential recurrence, one token at a time (tests only); with ``seq_idx`` the
+    state is zeroed before each document's first token."""
     b, L, H, P = x.shape
     N = B.shape[-1]
     h = x.new_zeros(b, H, P, N) if h0 is None else h0
     ys = []
     for t in range(L):
+        if seq_idx is not None and t > 0:
+            h = torch.where((seq_idx[:, t] != seq_idx[:, t - 1])[:, None, None, None], torch.zeros_like(h), h)
         y, h = ssd_step_ref(x[:, t], dt[:, t], A, B[:, t], C[:, t], h, D)
         ys.append(y)
     return torch.stack(ys, 1), h

@@ -116,8 +116,8 @@ def build_engine(model, param_groups, conf: dict):
             super().__init__()
             self.model = m
 
-        def forward(self, x, y):
-            return self.model.loss(x, y)
+        def forward(self, x, y, seq_idx=None):
+            return self.model.loss(x, y) if seq_idx is None else self.model.loss(x, y, seq_idx=seq_idx)
 
     engine, _, _, _ = deepspeed.initialize(model=LossModule(model), model_parameters=param_groups,
                                            config=conf, mpu=groups)

@@ -40,9 +40,12 @@ from seqlm.train.schedule import lr_at
 
 
 def _draw(data, split, tc, gen, dp, dp_rank, device):
-    x, y = data.get_batch(split, tc.batch_size * dp, tc.seq_len, gen, device)
+    """This DP rank's rows of the global batch: (x, y, seq_idx or None)."""
+    from seqlm.train.loop import _unpack
+
+    batch = _unpack(data.get_batch(split, tc.batch_size * dp, tc.seq_len, gen, device))
     sl = slice(dp_rank * tc.batch_size, (dp_rank + 1) * tc.batch_size)
-    return x[sl], y[sl]
+    return tuple(None if t is None else t[sl] for t in batch)
 
 
 def train_distributed(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
@@ -150,9 +153,9 @@ def _run(cfg, resume, stop_at, tp_group, dp_group, rank, world, dp, dp_rank, dev
             g["lr"] = lr
         loss_sum = torch.zeros((), dtype=torch.float64)
         for _ in range(tc.grad_accum):
-            x, y = _draw(data, "train", tc, gen, dp, dp_rank, device)
+            x, y, seq_idx = _draw(data, "train", tc, gen, dp, dp_rank, device)
             with autocast(device, amp):
-                loss = engine(x, y)
+                loss = engine(x, y) if seq_idx is None else engine(x, y, seq_idx=seq_idx)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().double().cpu()

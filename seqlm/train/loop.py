@@ -46,11 +46,19 @@ def resolve_device(tcfg) -> torch.device:
     return torch.device(tcfg.device)
 
 
-def autocast_dtype(tcfg, device: torch.device) -> Optional[torch.dtype]:
-    """bf16 autocast on CUDA by default; CPU computes in fp32 unless ``dtype: bf16`` asks
-    (bf16 matmuls are only fast on CPUs with AVX512-BF16 or AMX, far slower elsewhere)."""
+def autocast_dtype(tcfg, device: torch.device, verbose: bool = False, d_model: int = 512) -> Optional[torch.dtype]:
+    """bf16 autocast on CUDA by default; on CPU ``auto`` picks bf16 only where the CPU has
+    native bf16 matrix products that are faster at this width (seqlm/train/precision.py) and
+    prints which and why."""
     if tcfg.dtype == "bf16" or (tcfg.dtype == "auto" and device.type == "cuda"):
         return torch.bfloat16
+    if tcfg.dtype == "auto" and device.type == "cpu":
+        from seqlm.train.precision import choose_cpu_dtype
+
+        dtype, why = choose_cpu_dtype(d_model, tcfg.batch_size * tcfg.seq_len)
+        if verbose:
+            print(f"train.dtype auto -> {why}")
+        return dtype
     return None
 
 
@@ -68,9 +76,9 @@ def estimate_loss(model, data, cfg: RunConfig, device, amp, split: str = "val") 
     gen = torch.Generator().manual_seed(cfg.train.seed + 1)
     total = 0.0
     for _ in range(cfg.eval.batches):
-        x, y = data.get_batch(split, cfg.train.batch_size, cfg.train.seq_len, gen, device)
+        x, y, seq_idx = _unpack(data.get_batch(split, cfg.train.batch_size, cfg.train.seq_len, gen, device))
         with autocast(device, amp):
-            total += model.loss(x, y).item()
+            total += _loss(model, x, y, seq_idx).item()
     model.train(was_training)
     return total / cfg.eval.batches
 
@@ -83,18 +91,8 @@ def _prepare(cfg: RunConfig, resume):
     if getattr(cfg.data, "task", None) is not None:  # a synthetic task instead of text
         from seqlm.data.tasks import load_task
 
-        ckpt = (Path(cfg.train.out_dir) / "checkpoint" if resume is True else Path(resume)) if resume else None
-        if ckpt is not None and not (ckpt / "model.safetensors").exists():
-            raise CheckpointError(f"--resume: no checkpoint at {str(ckpt)!r}")
-        return (*load_task(cfg.data.task, cfg.train.seq_len), ckpt)
-    ckpt = None
-    if resume:
-        where = Path(cfg.train.out_dir) / "checkpoint" if resume is True else Path(resume)
-        ckpt = find_checkpoint(where)
-        if ckpt is None and resume is not True:
-            raise CheckpointError(f"--resume: no checkpoint at {str(where)!r}")
-        if ckpt is None:
-            print(f"--resume: no checkpoint in {str(where)!r} yet; starting a fresh run")
+        return (*load_task(cfg.data.task, cfg.train.seq_len), _resume_from(cfg, resume))
+    ckpt = _resume_from(cfg, resume)
     if ckpt is not None:
         tok = _load_tok(ckpt, "--resume")
     elif cfg.train.init_from:
@@ -111,6 +109,20 @@ def _prepare(cfg: RunConfig, resume):
     else:
         tok = build_tokenizer(cfg.data.tokenizer, data=cfg.data)
     return tok, load_data(cfg.data, tok, seq_len=cfg.train.seq_len), ckpt
+
+
+def _resume_from(cfg: RunConfig, resume) -> Optional[Path]:
+    """The checkpoint directory to resume from: None for a fresh run, or for ``resume=True``
+    when out_dir has no checkpoint yet (auto resume); an explicit path must hold one."""
+    if not resume:
+        return None
+    where = Path(cfg.train.out_dir) / "checkpoint" if resume is True else Path(resume)
+    ckpt = find_checkpoint(where)
+    if ckpt is None and resume is not True:
+        raise CheckpointError(f"--resume: no checkpoint at {str(where)!r}")
+    if ckpt is None:
+        print(f"--resume: no checkpoint in {str(where)!r} yet; starting a fresh run")
+    return ckpt
 
 
 def _load_tok(ckpt: Path, what: str):
@@ -189,13 +201,14 @@ def _train(cfg: RunConfig, resume, stop_at: Optional[int], sig: _StopSignals, ob
     if tc.threads:
         torch.set_num_threads(tc.threads)
     device = resolve_device(tc)
-    amp = autocast_dtype(tc, device)
+    amp = autocast_dtype(tc, device, verbose=True, d_model=cfg.model.d_model)
     out = Path(tc.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     tok, data, ckpt = _prepare(cfg, resume)
     torch.manual_seed(tc.seed)
     model = build_model(cfg, tok.vocab_size).to(device)
+    model.set_activation_checkpointing(tc.activation_checkpointing, tc.activation_checkpoint_k)
     if objective is not None:
         objective.setup(model, device)
     opt = make_optimizer(model, tc)
@@ -261,12 +274,12 @@ def _train(cfg: RunConfig, resume, stop_at: Optional[int], sig: _StopSignals, ob
                 g["lr"] = lr
             loss_sum = 0.0
             for _ in range(tc.grad_accum):
-                x, y = data.get_batch("train", tc.batch_size, tc.seq_len, gen, device)
+                x, y, seq_idx = _unpack(data.get_batch("train", tc.batch_size, tc.seq_len, gen, device))
                 with autocast(device, amp):
                     if objective is not None:
-                        loss = objective.loss(fwd, x, y)
+                        loss = objective.loss(fwd, x, y) if seq_idx is None else objective.loss(fwd, x, y, seq_idx=seq_idx)
                     else:
-                        loss = fwd.loss(x, y) if fwd is model else _compiled_loss(fwd, x, y)
+                        loss = _loss(fwd, x, y, seq_idx) if fwd is model else _compiled_loss(fwd, x, y, seq_idx)
                 (loss / tc.grad_accum).backward()
                 loss_sum += loss.item()
             loss_val = loss_sum / tc.grad_accum
@@ -357,8 +370,18 @@ def _grad_norm(model, clip: float) -> float:
     return float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
 
 
-def _compiled_loss(fwd, x, y):
+def _unpack(batch):
+    """(x, y) in stream packing, (x, y, seq_idx) in document packing -> (x, y, seq_idx or None)."""
+    return (*batch, None) if len(batch) == 2 else tuple(batch)
+
+
+def _loss(model, x, y, seq_idx):
+    """model.loss, with the document boundaries only in document packing."""
+    return model.loss(x, y) if seq_idx is None else model.loss(x, y, seq_idx=seq_idx)
+
+
+def _compiled_loss(fwd, x, y, seq_idx=None):
     import torch.nn.functional as F
 
-    logits, _ = fwd(x)
+    logits, _ = fwd(x) if seq_idx is None else fwd(x, seq_idx=seq_idx)
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))

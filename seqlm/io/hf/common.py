@@ -220,8 +220,6 @@ def no_topology(mcfg, what: str) -> None:
         raise UnsupportedHF(f"model.recursive: {what} has no shared (recursive) layers; not exportable")
     if mcfg.residual != "standard":
         raise UnsupportedHF(f"model.residual: {mcfg.residual!r} has no {what} equivalent; not exportable")
-    if mcfg.dropout:
-        pass  # dropout does not change inference
 
 
 def seqlm_out(sd: dict) -> tuple:

@@ -32,15 +32,16 @@ class DemoShift(Block):
 
     def forward(self, x, state=None):  # x (B, L, D)
         prev0 = x.new_zeros(x.shape[0], 1, x.shape[2]) if state is None else state["last"]
-        prev = torch.cat([prev0, x[:, :-1]], 1)                     # x_{t-1}, (B, L, D)
+        prev = torch.cat([prev0, x[:, :-1]], 1)[:, :x.shape[1]]     # x_{t-1}, (B, L, D); L may be 0
         y = self.out_proj(F.silu(self.a(x) + self.b(prev)))
         if state is None:
             return y, None
-        return y, {"last": x[:, -1:].contiguous()}
+        return y, {"last": x[:, -1:].contiguous() if x.shape[1] else prev0}
 
     def init_state(self, batch, max_len, device=None, dtype=None):
         w = self.a.weight
         return {"last": torch.zeros(batch, 1, self.d_model, device=device or w.device, dtype=dtype or w.dtype)}
 
-    def tp_plan(self, tp=1):
-        return {r"(a|b)\.(weight|bias)": "column", r"out_proj\.weight": "row", r"out_proj\.bias": "replicate"}
+    def tp_plan(self, tp: int = 1):
+        return {r"a\.(weight|bias)": "column", r"b\.weight": "column", r"out_proj\.weight": "row",
+                r"out_proj\.bias": "replicate"}

@@ -12,16 +12,13 @@ at a quarter of it (parent process and the largest worker); a relaunch with the 
 a relaunch that rehashes every file (``data.verify_cache``) and one after a ``touch`` are
 timed too. Everything is deleted afterwards.
 
-    nice -n 10 python bench/tokenize.py               # ~100 MB, ~5-10 min on 2 busy cores
-    nice -n 10 python bench/tokenize.py --mb 8 --repeats 1   # smoke test
+    nice -n 10 python bench/tokenization.py               # ~100 MB, ~5-10 min on 2 busy cores
+    nice -n 10 python bench/tokenization.py --mb 8 --repeats 1   # smoke test
 
-Prints one JSON object and writes bench/results/tokenize.json.
+Prints one JSON object and writes bench/results/tokenize.json. (Not named tokenize.py: a file of
+that name in bench/ would shadow the standard library's tokenize module for every bench script.)
 """
 from __future__ import annotations
-
-import sys  # noqa: I001  (first: this file's name shadows the stdlib's tokenize for its own folder)
-
-sys.path[:] = [p for p in sys.path if p and __file__.rsplit("/", 1)[0] not in (p, p.rstrip("/"))]
 
 import argparse
 import json
@@ -30,6 +27,7 @@ import platform
 import random
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path

@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Relaxed-recursive LoRA: merge W' + s B A per forward (what seqlm does) vs apply the factors
+to x (x W'^T + s (x A^T) B^T), forward + backward of one shared Linear, side by side.
+
+Merging costs out*in*r multiply-adds per call (plus the (out, in) weight write); the
+factored form costs N*(in+out)*r for N tokens and two extra matrix products in backward, so
+merging wins once N*(in+out) > out*in (N > ~256 tokens for 512 x 512), i.e. for any training
+batch. Without gradients (generation) seqlm caches the merged weight, so decode pays nothing.
+
+    nice -n 10 python bench/recursive_lowrank.py
+Writes bench/results/recursive_lowrank.json.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# python puts this folder first on sys.path; bench/tokenize.py would then shadow the stdlib
+# module that torch's import needs (linecache -> tokenize.open)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import json
+import time
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def cpu_model() -> str:
+    import platform
+    import subprocess
+
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main():
+    import torch
+    import torch.nn.functional as F
+
+
+    torch.set_num_threads(1)
+    out = {"bench": "recursive_lowrank", "cpu": cpu_model(), "threads": 1, "torch": torch.__version__,
+           "rank": 8, "results": []}
+    for N in (64, 512, 2048):
+        for i, o in ((512, 512), (512, 2048)):
+            x = torch.randn(N, i, requires_grad=True)
+            W, A, B = (torch.randn(*s, requires_grad=True) for s in ((o, i), (8, i), (o, 8)))
+            fns = {"merged": lambda: F.linear(x, torch.addmm(W, B, A, alpha=0.5)),
+                   "factored": lambda: torch.addmm(F.linear(x, W), F.linear(x, A), B.t(), alpha=0.5)}
+            best = {k: float("inf") for k in fns}
+            for _ in range(2):
+                fns["merged"]().sum().backward()
+                fns["factored"]().sum().backward()
+            for _ in range(5):  # interleaved: same load for both
+                for k, f in fns.items():
+                    t = time.perf_counter()
+                    f().sum().backward()
+                    best[k] = min(best[k], time.perf_counter() - t)
+            r = {"tokens": N, "in": i, "out": o, "merged_ms": best["merged"] * 1e3,
+                 "factored_ms": best["factored"] * 1e3, "factored_over_merged": best["factored"] / best["merged"]}
+            out["results"].append(r)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+    res = ROOT / "bench" / "results" / "recursive_lowrank.json"
+    res.parent.mkdir(exist_ok=True)
+    res.write_text(json.dumps(out, indent=1))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

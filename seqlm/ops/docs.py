@@ -1,0 +1,72 @@
+"""Document boundaries inside a packed window (``seq_idx``).
+
+``seq_idx`` (B, L) int: per row non-decreasing, 0 at the first position, +1 at the first
+token of each new document (mamba_ssm's convention). Positions before the window (a carried
+state: KV cache, conv/SSM state) count as document 0, so a state passed with ``seq_idx``
+continues the window's first document only. ``None`` everywhere means one stream.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def check_seq_idx(seq_idx: Optional[Tensor], batch: int, length: int) -> None:
+    """ValueError unless ``seq_idx`` is None or an integer (batch, length) tensor that is
+    non-decreasing per row and starts at 0."""
+    if seq_idx is None:
+        return
+    if not isinstance(seq_idx, Tensor) or seq_idx.is_floating_point() or seq_idx.is_complex():
+        raise ValueError("seq_idx: must be an integer tensor (B, T)")
+    if tuple(seq_idx.shape) != (batch, length):
+        raise ValueError(f"seq_idx: shape {tuple(seq_idx.shape)} does not match the tokens' ({batch}, {length})")
+    if length and (bool((seq_idx[:, 0] != 0).any()) or bool((seq_idx.diff(dim=1) < 0).any())):
+        raise ValueError("seq_idx: each row must start at 0 and never decrease")
+
+
+def doc_starts(seq_idx: Tensor) -> Tensor:
+    """(B, L) bool: True where a new document starts inside the window (never at t = 0)."""
+    out = torch.zeros_like(seq_idx, dtype=torch.bool)
+    out[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return out
+
+
+def same_doc_back(seq_idx: Tensor, j: int) -> Tensor:
+    """(B, L) bool: position t and position t - j are in the same document (t - j < 0 is
+    document 0: a carried state or the zero padding before the window)."""
+    prev = torch.zeros_like(seq_idx)
+    if j < seq_idx.shape[1]:
+        prev[:, j:] = seq_idx[:, : seq_idx.shape[1] - j]
+    return prev == seq_idx
+
+
+def segments(seq_idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Documents of the flattened (B*L) window: (starts, lengths), LongTensors on CPU."""
+    B, L = seq_idx.shape
+    new = doc_starts(seq_idx)
+    new[:, 0] = True
+    starts = new.reshape(-1).nonzero()[:, 0].cpu()
+    ends = torch.cat([starts[1:], torch.tensor([B * L])])
+    return starts, ends - starts
+
+
+def bucket_layout(starts: Tensor, lens: Tensor, total: int, steps: int = 1):
+    """Lay documents (flat ``starts``, ``lens`` over ``total`` tokens) out for batched
+    per-document kernels: documents are grouped by length rounded up to 2^steps sizes per
+    octave (<= 2^-steps padding) and each group is an (m, n) block of m documents
+    right-padded to n slots. Returns ``src`` (P,) the token of each slot (padding slots point
+    at some real token: for causal kernels right padding never reaches a real output),
+    ``real`` (P,) bool, and ``buckets`` [(m, n)] in slot order."""
+    step = 2 ** (torch.floor(torch.log2(lens.double())).long() - steps).clamp(min=0)
+    size = (lens + step - 1) // step * step
+    src, real, buckets = [], [], []
+    for n in size.unique().tolist():
+        sel = size == n
+        ar = torch.arange(n)
+        idx = starts[sel, None] + ar                                  # (m, n)
+        src.append(idx.clamp(max=total - 1).reshape(-1))
+        real.append((ar < lens[sel, None]).reshape(-1))
+        buckets.append((int(sel.sum()), n))
+    return torch.cat(src), torch.cat(real), buckets
