@@ -55,10 +55,13 @@ class Overlap:
         self.exposed_s += time.perf_counter() - t
 
     def pre(self, mod, args, kwargs):
-        self.active = True
+        # not inside a backward pass: activation checkpointing's recompute stays synchronous
+        self.active = torch._C._current_graph_task_id() == -1
         self.before = len(self.pending)
 
     def post(self, mod, args, kwargs, out):
+        if not self.active:
+            return out
         self.active = False
         self.calls += 1
         # the previous sub-layer's all-reduce ran while this one computed; the stack adds it
