@@ -51,6 +51,12 @@ class _Objective:
         for p in self.teacher.parameters():
             p.requires_grad_(False)
 
+    @staticmethod
+    def _no_packing(seq_idx) -> None:
+        if seq_idx is not None:
+            raise ValueError("distill: document packing (seq_idx) is not supported by the distillation "
+                             "objectives yet; use the default stream packing")
+
     def _trace(self, x, probs: bool) -> LayerTrace:
         with torch.no_grad(), LayerTrace(self.teacher, probs=probs) as tr:
             self.teacher(x)
@@ -58,7 +64,8 @@ class _Objective:
 
 
 class Orient(_Objective):
-    def loss(self, model, x, y):
+    def loss(self, model, x, y, seq_idx=None):
+        self._no_packing(seq_idx)
         tr = self._trace(x, probs=True)
         stack = getattr(model, "_orig_mod", model).stack
         losses = []
@@ -71,7 +78,8 @@ class Orient(_Objective):
 
 
 class Align(_Objective):
-    def loss(self, model, x, y):
+    def loss(self, model, x, y, seq_idx=None):
+        self._no_packing(seq_idx)
         tr = self._trace(x, probs=False)
         stack = getattr(model, "_orig_mod", model).stack
         losses = []
@@ -89,7 +97,8 @@ class Logits(_Objective):
         super().__init__(teacher, pairs, trainable, teacher_dtype)
         self.T, self.kl_w, self.ce_w = temperature, kl_weight, ce_weight
 
-    def loss(self, model, x, y):
+    def loss(self, model, x, y, seq_idx=None):
+        self._no_packing(seq_idx)
         logits, _ = model(x)
         logits = logits.float()
         loss = logits.new_zeros(())
