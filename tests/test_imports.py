@@ -22,6 +22,7 @@ FORBIDDEN = {
     "seqlm.eval.perplexity": ["seqlm.train"],
     "seqlm.eval.cli": ["seqlm.train"],
     "seqlm.data": ["seqlm.train", "seqlm.eval", "seqlm.io", "seqlm.model", "seqlm.stack", "seqlm.memory"],
+    "seqlm.data.tasks": ["seqlm.train", "seqlm.eval", "seqlm.io", "seqlm.model", "seqlm.stack", "seqlm.memory"],
     "seqlm.distill.mixers": ["seqlm.train", "seqlm.eval", "seqlm.io"],
     "seqlm.distill.init": ["seqlm.train", "seqlm.eval", "seqlm.io"],
     "seqlm.train": ["seqlm.distill"],

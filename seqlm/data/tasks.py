@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from seqlm.data.mqar import MQARSpec, make_mqar
 from seqlm.data.tokenizer_base import Tokenizer, _as_array
 
 
@@ -78,8 +79,6 @@ class TaskData:
 def load_task(cfg, seq_len: int) -> tuple[Tokenizer, TaskData]:
     """The tokenizer and data of a ``data.task`` config for windows of ``seq_len`` tokens."""
     if cfg.type == "mqar":
-        from seqlm.eval.tasks.mqar import MQARSpec, make_mqar  # the generator lives with the task
-
         spec = MQARSpec(seq_len, cfg.num_pairs, cfg.vocab_size, random_fill=cfg.random_fill)
         try:
             spec.check()
