@@ -57,7 +57,7 @@ def write_config(work: Path, name: str, steps: int, every: int) -> Path:
                   "block_defaults": {"attention": {"n_heads": 2}, "mamba2": {"d_state": 8, "head_dim": 8}}},
         "data": {"files": [str(work / "corpus.txt")], "cache_dir": str(work / "cache")},
         "train": {"seq_len": 32, "batch_size": 4, "grad_accum": 2, "max_steps": steps, "lr": 3e-3,
-                  "warmup_steps": 5, "threads": 1, "checkpoint_every": every, "keep_last": 2,
+                  "warmup_steps": 5, "threads": 1, "dtype": "fp32", "checkpoint_every": every, "keep_last": 2,
                   "out_dir": str(work / name), "log_every": 1, "progress": False},
         "eval": {"every": 0, "batches": 2, "sample_tokens": 0},
     })

@@ -38,6 +38,7 @@ train:
   max_steps: 20
   warmup_steps: 2
   lr: 3.0e-3
+  dtype: fp32  # compare layouts at one precision (auto may probe bf16 on AMX CPUs)
   out_dir: {out}
   log_every: 1
   progress: false

@@ -18,7 +18,7 @@ def tiny_cfg(tmp_path, out="run", model=None, **train_kw):
     corpus = tmp_path / "corpus.txt"
     if not corpus.exists():
         corpus.write_text(TEXT)
-    t = {"seq_len": 16, "batch_size": 4, "max_steps": 8, "lr": 3e-3, "warmup_steps": 2,
+    t = {"seq_len": 16, "batch_size": 4, "max_steps": 8, "lr": 3e-3, "warmup_steps": 2, "dtype": "fp32",
          "out_dir": str(tmp_path / out), "log_every": 1, "progress": False}
     t.update(train_kw)
     return parse_config({
@@ -140,3 +140,19 @@ def test_bf16_autocast_trains_every_ssm(tmp_path):
     ls = [l for _, l in losses(tmp_path / "run")]
     assert all(math.isfinite(l) for l in ls) and math.isfinite(res["val_loss"])
     assert sum(ls[-5:]) / 5 < sum(ls[:5]) / 5 - 0.2
+
+
+def test_resume_keeps_the_runs_auto_dtype(tmp_path, monkeypatch, capsys):
+    """``dtype: auto`` decides once per run: a resumed run reuses the recorded choice instead of
+    probing again (a probe on a busier machine could pick the other precision mid-run)."""
+    import seqlm.train.precision as prec
+
+    answers = iter([(torch.bfloat16, "bf16 (probe 1)"), (None, "fp32 (probe 2)")])
+    monkeypatch.setattr(prec, "choose_cpu_dtype", lambda *a, **k: next(answers))
+    train(tiny_cfg(tmp_path, max_steps=4, dtype="auto"), stop_at=2)
+    capsys.readouterr()
+    res = train(tiny_cfg(tmp_path, max_steps=4, dtype="auto"), resume=True)
+    out = capsys.readouterr().out
+    assert "train.dtype auto -> bf16, as the run chose before the checkpoint" in out
+    assert res["step"] == 4
+    assert json.loads((Path(res["checkpoint"]) / "trainer.json").read_text())["amp"] == "bf16"

@@ -25,7 +25,7 @@ def cfg_for(tmp_path, out, **train_kw):
     corpus = tmp_path / "corpus.txt"
     if not corpus.exists():
         corpus.write_text(TEXT)
-    t = {"seq_len": 16, "batch_size": 4, "max_steps": 8, "lr": 3e-3, "warmup_steps": 2, "threads": 1,
+    t = {"seq_len": 16, "batch_size": 4, "max_steps": 8, "lr": 3e-3, "warmup_steps": 2, "threads": 1, "dtype": "fp32",
          "out_dir": str(tmp_path / out), "log_every": 1, "progress": False}
     t.update(train_kw)
     return parse_config({

@@ -228,6 +228,9 @@ def _train(cfg: RunConfig, resume, stop_at: Optional[int], sig: _StopSignals, ob
             if torch.cuda.is_available() and st["rng"].get("cuda"):
                 torch.cuda.set_rng_state_all(st["rng"]["cuda"])
             step, bad_total = int(st["step"]), int(st.get("bad_steps", 0))
+            if tc.dtype == "auto" and st.get("amp") in ("bf16", "fp32"):  # the run's own choice, not a new probe
+                amp = torch.bfloat16 if st["amp"] == "bf16" else None
+                print(f"train.dtype auto -> {st['amp']}, as the run chose before the checkpoint")
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
             raise CheckpointError(f"--resume: checkpoint {str(ckpt)!r}: the trainer state does not fit this "
                                   f"run ({type(e).__name__}: {e})") from None
@@ -251,7 +254,7 @@ def _train(cfg: RunConfig, resume, stop_at: Optional[int], sig: _StopSignals, ob
         """Save the state at a step boundary (default: now, which must be one)."""
         at_step = step if at_step is None else at_step
         state = {"step": at_step, "optimizer": opt.state_dict(), "rng": rng or _rng_state(gen),
-                 "bad_steps": bad_total if bad is None else bad}
+                 "bad_steps": bad_total if bad is None else bad, "amp": "fp32" if amp is None else "bf16"}
         path = save_checkpoint(root, model, cfg, tok, state, meta, step=at_step, keep_last=tc.keep_last)
         saved.update(step=at_step, path=path)
         return path
