@@ -59,7 +59,7 @@ def train_distributed(cfg: RunConfig, resume=None, stop_at: Optional[int] = None
     rank, world = dist.get_rank(), dist.get_world_size()
     dp, dp_rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
     device = E.device()
-    amp = autocast_dtype(tc, device)
+    amp = autocast_dtype(tc, device, verbose=dist.get_rank() == 0, d_model=cfg.model.d_model)
     ds_bf16 = amp is not None and device.type == "cuda"  # DeepSpeed's bf16 mode on GPU
     out = Path(tc.out_dir)
     ds_dir = out / "ds_checkpoint"
