@@ -38,7 +38,7 @@ train:
   max_steps: 20
   warmup_steps: 2
   lr: 3.0e-3
-  dtype: fp32  # compare layouts at one precision (auto may probe bf16 on AMX CPUs)
+  dtype: fp32  # auto probes bf16 speed per process: not deterministic across runs
   out_dir: {out}
   log_every: 1
   progress: false

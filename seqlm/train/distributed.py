@@ -59,7 +59,7 @@ def train_distributed(cfg: RunConfig, resume=None, stop_at: Optional[int] = None
     rank, world = dist.get_rank(), dist.get_world_size()
     dp, dp_rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
     device = E.device()
-    amp = autocast_dtype(tc, device, d_model=cfg.model.d_model)
+    amp = autocast_dtype(tc, device, verbose=dist.get_rank() == 0, d_model=cfg.model.d_model)
     if tc.dtype == "auto" and device.type == "cpu":  # a timed probe: every rank takes rank 0's answer
         flag = torch.tensor([0 if amp is None else 1])
         dist.broadcast(flag, src=0)
