@@ -12,7 +12,6 @@ safetensors: the model never imports the checkpoint machinery of seqlm/io."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Optional
 from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_model as _st_save_model
 
+from seqlm import fsutil
 from seqlm.config import ConfigError, RunConfig, dump_config, load_config
 
 
@@ -64,12 +64,7 @@ def save_pretrained_dir(model, directory, tokenizer=None, run_config=None, metri
         if out.exists():
             if not (out / "config.yaml").exists() and any(out.iterdir()):
                 raise FileExistsError(f"{str(out)!r} exists and is not a seqlm model directory; not replacing it")
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        fsutil.replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

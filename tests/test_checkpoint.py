@@ -242,7 +242,7 @@ def test_write_error_keeps_previous_checkpoint(tmp_path, monkeypatch):
     no temp directory is left, and the error says so."""
     import errno
 
-    from seqlm.io import fsutil
+    from seqlm import fsutil
 
     model, cfg, tok = tiny(tmp_path)
     root = tmp_path / "ck"
@@ -273,7 +273,7 @@ def _fork_save(root, model, cfg, tok, step, fault_at):
     if pid == 0:  # child
         try:
             os.environ["SEQLM_FAULT_AT"] = str(fault_at)
-            from seqlm.io import fsutil
+            from seqlm import fsutil
             fsutil._count = 0
             with open(os.devnull, "w") as null:
                 os.dup2(null.fileno(), 2)
@@ -289,7 +289,7 @@ def test_sigkill_at_every_step_of_a_save(tmp_path, monkeypatch):
     """Defect 3: kill the process before each write / fsync / rename / remove of a save in
     turn; after each kill the newest complete checkpoint loads (the old one or the new one,
     never a mix), and no partial directory is visible."""
-    from seqlm.io import fsutil
+    from seqlm import fsutil
 
     model, cfg, tok = tiny(tmp_path)
     trace = tmp_path / "trace.txt"

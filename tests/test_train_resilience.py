@@ -131,7 +131,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
 def test_disk_full_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
     from seqlm.cli import main
     from seqlm.config import save_config
-    from seqlm.io import fsutil
+    from seqlm import fsutil
 
     save_config(cfg_for(tmp_path, "run", max_steps=6, checkpoint_every=2), tmp_path / "c.yaml")
     real = fsutil.write_bytes
@@ -172,7 +172,7 @@ def test_kill_anywhere_resume_exactly(tmp_path):
     """SIGKILL at file-system steps of checkpoint saves (deterministic: SEQLM_FAULT_AT) and at
     random moments, resuming with --resume after each; the final weights and every logged
     loss equal an uninterrupted run's, bit for bit."""
-    from seqlm.io import fsutil
+    from seqlm import fsutil
 
     kw = dict(max_steps=24, checkpoint_every=3, keep_last=2)
     straight = train(cfg_for(tmp_path, "a", **kw))

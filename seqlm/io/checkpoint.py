@@ -47,8 +47,9 @@ from safetensors.torch import save_file as _st_save_file
 from safetensors.torch import save_model as _st_save_model
 
 import seqlm
+from seqlm import fsutil
 from seqlm.config import ConfigError, dump_config, load_config
-from seqlm.io import fsutil, state as _state
+from seqlm.io import state as _state
 
 MANIFEST, LATEST = "manifest.json", "latest"
 FORMAT = "seqlm-checkpoint"
@@ -188,14 +189,6 @@ def _new_tmp(parent: Path, name: str, kind: str = "tmp") -> Path:
     return tmp
 
 
-def _remove_tree(p: Path) -> None:
-    """Rename to a hidden trash name first, so a half-deleted directory is never visible."""
-    trash = p.parent / f".{p.name}.trash-{os.getpid()}-{secrets.token_hex(4)}"
-    fsutil.rename(p, trash)
-    fsutil.fs_step("remove", trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def save_checkpoint(path, model: torch.nn.Module, cfg, tokenizer, trainer_state: Optional[dict] = None,
                     meta: Optional[dict] = None, *, step: Optional[int] = None,
                     keep_last: Optional[int] = None) -> Path:
@@ -233,7 +226,7 @@ def _save_step(root: Path, step: int, keep_last, model, cfg, tokenizer, trainer_
     try:
         _write_contents(tmp, model, cfg, tokenizer, trainer_state, {"step": step, **(meta or {})})
         if final.exists():  # re-saving a step (e.g. resumed from an older one): old one out first
-            _remove_tree(final)
+            fsutil.remove_tree(final)
         fsutil.rename(tmp, final)
         fsutil.fsync_path(root)
         fsutil.replace_file(root / LATEST, (name + "\n").encode())
@@ -247,7 +240,7 @@ def _save_step(root: Path, step: int, keep_last, model, cfg, tokenizer, trainer_
         for _, d in _step_dirs(root)[:-keep_last] if keep_last > 0 else []:
             if d != final:
                 try:
-                    _remove_tree(d)
+                    fsutil.remove_tree(d)
                 except OSError:  # pruning is best effort; the new checkpoint is already complete
                     pass
     return final
@@ -276,14 +269,7 @@ def _save_single(path: Path, model, cfg, tokenizer, trainer_state, meta) -> Path
         _write_contents(tmp, model, cfg, tokenizer, trainer_state, meta)
         if path.exists() and not any(path.iterdir()):
             path.rmdir()
-        if path.exists():
-            if fsutil.exchange(tmp, path):  # tmp now holds the old checkpoint
-                fsutil.fsync_path(path.parent)
-                shutil.rmtree(tmp, ignore_errors=True)
-                return path
-            _remove_tree(path)  # no atomic swap on this file system: a short window without it
-        fsutil.rename(tmp, path)
-        fsutil.fsync_path(path.parent)
+        fsutil.replace_dir(tmp, path)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_failed(path, e, prev) from e

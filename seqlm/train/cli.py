@@ -32,7 +32,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 def run_train(args) -> int:
     from seqlm.config import ConfigError, dump_config, load_config
     from seqlm.io.checkpoint import resolve_checkpoint
-    from seqlm.io.fsutil import replace_file
+    from seqlm.fsutil import replace_file
     from seqlm.train.loop import train
 
     if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():

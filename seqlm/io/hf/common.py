@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from seqlm import fsutil
 from seqlm.io.checkpoint import CheckpointError
 
 
@@ -127,7 +128,6 @@ def finite(x) -> float | None:
 
 def write_hf_dir(out, config: dict, tensors: dict[str, torch.Tensor], tokenizer_files: dict[str, bytes]) -> Path:
     """config.json + model.safetensors (+ tokenizer files), written to a temp dir and renamed."""
-    import os
     import shutil
     import tempfile
 
@@ -145,12 +145,7 @@ def write_hf_dir(out, config: dict, tensors: dict[str, torch.Tensor], tokenizer_
         if out.exists():
             if not (out / "config.json").exists() and any(out.iterdir()):
                 raise FileExistsError(f"--out: {str(out)!r} exists and is not a model directory; not replacing it")
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        fsutil.replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

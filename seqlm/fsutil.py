@@ -123,3 +123,32 @@ def exchange(a, b) -> bool:
     if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: file system / kernel without it
         return False
     raise OSError(err, os.strerror(err), str(a))
+
+
+def remove_tree(p) -> None:
+    """Delete a directory: renamed to a hidden trash name first, so a half-deleted directory
+    is never visible under its own name."""
+    import shutil
+
+    p = Path(p)
+    trash = p.parent / f".{p.name}.trash-{os.getpid()}-{secrets.token_hex(4)}"
+    rename(p, trash)
+    fs_step("remove", trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def replace_dir(new, dst) -> None:
+    """Put the complete directory ``new`` at ``dst`` (same parent), replacing what is there:
+    an atomic exchange where the kernel has one (the old contents then leave with ``new``'s
+    name), else remove + rename, a short window with nothing at ``dst``."""
+    import shutil
+
+    new, dst = Path(new), Path(dst)
+    if dst.exists():
+        if exchange(new, dst):
+            fsync_path(dst.parent)
+            shutil.rmtree(new, ignore_errors=True)
+            return
+        remove_tree(dst)
+    rename(new, dst)
+    fsync_path(dst.parent)
