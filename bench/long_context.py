@@ -27,10 +27,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# python puts this folder first on sys.path; bench/tokenize.py would then shadow the stdlib
-# module that torch's import needs (linecache -> tokenize.open)
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import json
 import math

@@ -23,10 +23,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# python puts this folder first on sys.path; bench/tokenize.py would then shadow the stdlib
-# module that torch's import needs (linecache -> tokenize.open)
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import json
 import statistics
@@ -36,6 +32,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.machine import cpu_model  # noqa: E402
 PRESETS = ["default", "hybrid", "mamba", "mamba2", "h3", "attention", "hmt_stage1"]
 
 
@@ -55,19 +53,6 @@ def boundaries(text: str) -> dict:
     out["turns"] = ("speaker turns (blank-line separated paragraphs)",
                     np.cumsum([0] + [len(p) + 2 for p in parts[:-1]]))
     return out
-
-
-def cpu_model() -> str:
-    import platform
-    import subprocess
-
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main():

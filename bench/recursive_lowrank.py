@@ -15,28 +15,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# python puts this folder first on sys.path; bench/tokenize.py would then shadow the stdlib
-# module that torch's import needs (linecache -> tokenize.open)
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import json
 import time
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def cpu_model() -> str:
-    import platform
-    import subprocess
-
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+from bench.machine import cpu_model  # noqa: E402
 
 
 def main():
