@@ -42,16 +42,14 @@ def main():
     import torch
 
     from seqlm.config import parse_config
+    from seqlm.data.tokenizers import CharTokenizer
     from seqlm.model import LM
     from seqlm.train.precision import choose_cpu_dtype, cpu_bf16_flags
 
     torch.set_num_threads(a.threads)
     text = (ROOT / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
-    chars = sorted(set(text))
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    lut = np.zeros(int(codes.max()) + 1, dtype=np.int64)
-    lut[[ord(c) for c in chars]] = np.arange(len(chars))
-    ids = torch.from_numpy(lut[codes])
+    tok = CharTokenizer.fit([text])
+    ids = torch.from_numpy(tok.encode_array(text).astype(np.int64))
     B, T = 8, 256
     amp, why = choose_cpu_dtype(512, B * T)
     out = {"bench": "bf16", "cpu": cpu_model(), "cpu_bf16_flags": cpu_bf16_flags(), "threads": a.threads,
@@ -62,7 +60,7 @@ def main():
         cfg = parse_config({"model": {"d_model": 512, "pattern": pattern, "n_layers": 8,
                                       "block_defaults": {"attention": {"n_heads": 8}}}})
         torch.manual_seed(0)
-        base = LM(cfg.model, len(chars))
+        base = LM(cfg.model, tok.vocab_size)
         models = {"fp32": base, "auto": copy.deepcopy(base)}
         opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
                 for k, m in models.items()}

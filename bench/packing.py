@@ -67,15 +67,13 @@ def main():
     import yaml
 
     from seqlm.config import parse_config
+    from seqlm.data.tokenizers import CharTokenizer
     from seqlm.io import build_model
 
     torch.set_num_threads(a.threads)
     text = (ROOT / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
-    chars = sorted(set(text))
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    lut = np.zeros(int(codes.max()) + 1, dtype=np.int64)
-    lut[[ord(c) for c in chars]] = np.arange(len(chars))
-    ids = lut[codes]                                      # char-level token ids, one per character
+    tok = CharTokenizer.fit([text])
+    ids = tok.encode_array(text).astype(np.int64)        # char-level token ids, one per character
     B, T = a.batch, a.seq_len
     rng = np.random.default_rng(0)
     out = {"bench": "packing", "cpu": cpu_model(), "threads": a.threads, "torch": torch.__version__,
@@ -100,7 +98,7 @@ def main():
             raw.pop("train", None), raw.pop("eval", None)
             cfg = parse_config(raw)
             torch.manual_seed(0)
-            model = build_model(cfg, len(chars)).train()
+            model = build_model(cfg, tok.vocab_size).train()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             times = {"stream": [], "document": []}
             for i, (x, y, si) in enumerate(wins):
