@@ -144,3 +144,19 @@ def test_generated_deepspeed_config_and_user_override(tmp_path):
     user.write_text("[1, 2]")
     with pytest.raises(ConfigError, match="distributed.deepspeed_config"):
         ds_config(cfg, 1, torch.device("cpu"), False)
+
+
+def test_universal_checkpoint_resume_is_refused():
+    """DeepSpeed reads universal checkpoints with its own unrestricted unpickler: refused."""
+    from seqlm.io.checkpoint import CheckpointError
+    from seqlm.parallel.engine import load_ds_checkpoint
+
+    class Engine:  # only what load_ds_checkpoint asks before touching any file
+        def load_universal_checkpoint(self):
+            return True
+
+        def load_checkpoint(self, *a, **k):
+            raise AssertionError("must not be reached")
+
+    with pytest.raises(CheckpointError, match="checkpoint.load_universal"):
+        load_ds_checkpoint(Engine(), "/nonexistent", "step1")
