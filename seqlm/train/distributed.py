@@ -10,7 +10,8 @@ several ranks; one process without a launcher never does).
   windows a single process with twice the batch sees). Global batch = micro-batch x
   grad_accum x DP size;
 - checkpoints: DeepSpeed's own (``<out>/ds_checkpoint``, exact resume at the same layout;
-  read back through torch's restricted unpickler, seqlm/parallel/engine.py) and a consolidated seqlm checkpoint (``<out>/checkpoint``, unsharded safetensors) that
+  read back through torch's restricted unpickler, seqlm/parallel/engine.py) and a
+  consolidated seqlm checkpoint (``<out>/checkpoint``, unsharded safetensors) that
   single-process eval/generate and any TP size load;
 - failure: collectives time out after ``distributed.timeout_s``; the rank that sees it
   exits non-zero naming itself and the peer it waited for (the launcher then stops the job).
