@@ -18,6 +18,8 @@ COMMAND_MODULES = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqlm", description="Long-sequence language modeling.")
+    # `deepspeed --module seqlm.cli ...` puts --local_rank=N before the command (LOCAL_RANK is in the env too)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:

@@ -362,3 +362,132 @@ def test_distillation_from_a_tiny_hugging_face_llama_directory(tmp_path):
     assert math.isfinite(rep["student"]["val_loss"]) and rep["teacher"]["n_params"] > 0
     ids = torch.tensor(tok.encode("The quick brown"))
     assert model.generate(ids, 5, temperature=0).shape == (5,)
+
+
+# -- under a launcher: 2 DP ranks (gloo, 1 thread each), ZeRO 2, against one process ------------
+DP_STAGES = [{"kind": "orient", "steps": 4, "lr": 2e-2}, {"kind": "align", "steps": 4, "lr": 3e-3},
+             {"kind": "logits", "steps": 4, "lr": 1e-3}]
+NAMES = ("1-orient", "2-align", "3-logits")
+
+
+def _launch(launcher, args, cwd):
+    import os
+    import subprocess
+    import sys
+
+    from test_parallel import ROOT, free_port
+
+    bin_ = Path(sys.executable).parent
+    head = ([str(bin_ / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module"]
+            if launcher == "deepspeed" else
+            [str(bin_ / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m"])
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([*head, "seqlm.cli", "distill", *map(str, args)], env=env, cwd=cwd, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def dp_runs(teacher):
+    """One process at batch 4 (fp32 pinned) and `deepspeed --num_gpus 2 --module seqlm.cli distill`
+    at 2 ranks x batch 2, ZeRO 2: the same global batch."""
+    import yaml
+
+    tmp, ckpt = teacher
+    d = {**base(tmp, "dp_ref", dtype="fp32"),
+         "distill": {"teacher": ckpt, "from_teacher": {"pattern": "2-*-"}, "stages": DP_STAGES}}
+    ref = distill(parse_config(d))
+    path = tmp / "dp.yaml"
+    path.write_text(yaml.safe_dump(d))
+    out = _launch("deepspeed", ["-c", path, "--json", f"train.out_dir={tmp / 'dp'}", "train.batch_size=2",
+                                "distributed.zero_stage=2"], tmp)
+    return tmp, path, ref, out
+
+
+def _same_report(ref, rep, tol=1e-4):
+    """Same structure; numbers within tol; paths, the micro-batch and the rank count may differ."""
+    if isinstance(ref, dict):
+        assert ref.keys() == rep.keys()
+        for k in ref:
+            if k not in ("run_dir", "student_checkpoint", "batch_size", "dp_size"):
+                _same_report(ref[k], rep[k], tol)
+    elif isinstance(ref, list):
+        assert len(ref) == len(rep)
+        for a, b in zip(ref, rep):
+            _same_report(a, b, tol)
+    elif isinstance(ref, float):
+        assert abs(ref - rep) <= tol, (ref, rep)
+    else:
+        assert ref == rep
+
+
+def test_dp2_zero2_distill_matches_one_process_same_global_batch(dp_runs):
+    tmp, _, ref, out = dp_runs
+    for name in NAMES:   # every stage's loss curve
+        a, b = stage_losses(tmp / "dp_ref", name), stage_losses(tmp / "dp", name)
+        assert len(a) == len(b) == 4 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-4, (name, a, b)
+        conf = json.loads((tmp / "dp" / name / "deepspeed_config.json").read_text())
+        assert conf["zero_optimization"]["stage"] == 2 and conf["train_batch_size"] == 4
+        wa, wb = (weights(tmp / run / name / "checkpoint") for run in ("dp_ref", "dp"))
+        for k in wa:     # the consolidated weights after each stage (parameters the loss never reads too)
+            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=f"{name}: {k}")
+    rep = json.loads((tmp / "dp" / "report.json").read_text())
+    _same_report(ref, rep)   # val losses too: rank-split validation at the global batch
+    assert rep["dp_size"] == 2 and ref["dp_size"] == 1 and rep["stages"][0]["tokens"] == 4 * 4 * 16
+    # rank 0 alone prints: one report, one JSON
+    assert out.count("teacher:") == 1 and json.JSONDecoder().raw_decode(out[out.index("{\n"):])[0] == rep
+
+
+def test_dp2_zero2_stage2_keeps_frozen_parameters_bit_identical(dp_runs):
+    tmp = dp_runs[0]
+    run = tmp / "dp"
+    init = weights(run / "init")
+    s1, s2 = (weights(run / name / "checkpoint") for name in NAMES[:2])
+    changed = []
+    for k in s2:
+        if k.startswith("stack.blocks.0."):                 # the converted mixer trains
+            changed.append(not torch.equal(s1[k], s2[k]))
+        else:                                               # MLPs, norms, embedding, head, kept attention
+            assert torch.equal(s1[k], s2[k]) and torch.equal(init[k], s1[k]), k
+    assert sum(changed) >= 5
+    # ZeRO's optimizer partitions hold the mixer's parameters only (padding aside), split over 2 ranks
+    from seqlm.parallel.engine import safe_load
+
+    mixer = sum(v.numel() for k, v in s2.items() if k.startswith("stack.blocks.0."))
+    parts = [safe_load(f) for f in sorted((run / "2-align" / "ds_checkpoint" / "step4").glob("zero_pp_rank_*"))]
+    held = sum(t.numel() for p in parts for t in p["optimizer_state_dict"]["single_partition_of_fp32_groups"])
+    assert len(parts) == 2 and mixer <= held < mixer + 64, (mixer, held)
+
+
+def test_dp2_stop_in_stage2_and_resume_continues_exactly(dp_runs):
+    """torchrun -m seqlm.cli distill: stop in stage 2, then --resume (stage 1 skipped, stage 2
+    from DeepSpeed's checkpoint, stage 3 after it): the losses of the uninterrupted run."""
+    tmp, path, _, _ = dp_runs
+    args = ["-c", path, f"train.out_dir={tmp / 'dpr'}", "train.batch_size=2", "distributed.zero_stage=2"]
+    out = _launch("torchrun", [*args, "--stop-at", "2-align:2"], tmp)
+    assert out.count("stopped in stage 2-align at step 2") == 1
+    _launch("torchrun", [*args, "--resume"], tmp)
+    for name in NAMES:
+        a, b = stage_losses(tmp / "dp", name), stage_losses(tmp / "dpr", name)
+        assert len(b) == 4 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-6, (name, a, b)
+    wa, wb = (weights(tmp / run / "3-logits" / "checkpoint") for run in ("dp", "dpr"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_distill_refuses_tensor_parallelism_naming_the_field(teacher, tmp_path, capsys):
+    import yaml
+
+    from seqlm.cli import main
+
+    tmp, ckpt = teacher
+    d = {**base(tmp_path, "tp"), "distill": {"teacher": ckpt, "from_teacher": {"pattern": "2-*-"},
+                                              "stages": [{"kind": "logits", "steps": 1}]}}
+    path = tmp_path / "tp.yaml"
+    path.write_text(yaml.safe_dump(d))
+    assert main(["distill", "-c", str(path), "distributed.tp_size=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("seqlm:") and "distributed.tp_size: 2" in err, err
+    assert "shards" in err and not (tmp_path / "tp").exists()   # refused before anything is written

@@ -1,4 +1,6 @@
-"""``seqlm distill -c configs/distill/X.yaml [--resume] [--stop-at STAGE:STEP] [overrides]``."""
+"""``seqlm distill -c configs/distill/X.yaml [--resume] [--stop-at STAGE:STEP] [overrides]``;
+on several ranks: ``deepspeed --num_gpus N -m seqlm.cli distill ...`` (or ``torchrun
+--nproc_per_node N -m seqlm.cli distill ...``), rank 0 printing."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +20,8 @@ def run_distill(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     rep = distill(cfg, resume=args.resume, stop_at=args.stop_at)
+    if rep.get("rank", 0) != 0:  # a launched run: rank 0 reports
+        return 0
     if rep.get("stopped"):
         print(f"stopped in stage {rep['stage']} at step {rep['step']}; checkpoint: {rep['checkpoint']} "
               f"(continue with --resume)")
@@ -34,5 +38,7 @@ def add_commands(sub) -> None:
     p.add_argument("--stop-at", type=_stop_at, default=None, metavar="STAGE:STEP",
                    help="stop in STAGE (name or 1-based index) after STEP steps, with a checkpoint")
     p.add_argument("--json", action="store_true", help="print the final report as JSON")
+    # set by the `deepspeed` launcher (LOCAL_RANK is in the environment too)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.set_defaults(func=run_distill)

@@ -64,6 +64,25 @@ class _Objective:
 
 
 class Orient(_Objective):
+    def setup(self, model: nn.Module, device) -> None:
+        super().setup(model, device)
+        # A paired mixer's parameters that its matrix never reads (out_proj, the gate's norm) get no
+        # gradient here. One process's AdamW skips them; DeepSpeed hands every trainable parameter a
+        # zero gradient (and so AdamW's weight decay): frozen, both leave them exactly as they are.
+        # Which ones is structural: one autograd pass on a 2-token input (no RNG drawn).
+        stack = getattr(model, "_orig_mod", model).stack
+        for i in self.pairs:
+            _, blk, ctx = stack.layer(i)
+            ps = [p for p in blk.parameters() if p.requires_grad]
+            if not ps:
+                continue
+            u = torch.zeros(1, 2, blk.d_model, device=ps[0].device, dtype=ps[0].dtype)
+            with torch.enable_grad(), ctx:
+                M = mixing_matrix(blk, u)                                  # (1, H, 2, 2)
+            for p, g in zip(ps, torch.autograd.grad(M.float().sum(), ps, allow_unused=True)):
+                if g is None:
+                    p.requires_grad_(False)
+
     def loss(self, model, x, y, seq_idx=None):
         self._no_packing(seq_idx)
         tr = self._trace(x, probs=True)

@@ -9,6 +9,12 @@ Run directory (``train.out_dir``):
 Resuming: finished stages (their checkpoint holds the final step and val_loss) are skipped,
 the interrupted one continues exactly (the loop restores optimizer, RNG and data sampler
 states), the later ones start from it.
+
+Under a launcher (``deepspeed --num_gpus N -m seqlm.cli distill ...`` / torchrun) every rank
+runs ``distill``: each holds the whole teacher, each stage is a DeepSpeed run (data
+parallelism, ZeRO 0/1/2; seqlm/train/distributed.py), rank 0 writes init/, the configs and
+the report (the others wait at barriers, then read complete files) and prints. Tensor
+parallelism is refused at the start (distributed.tp_size).
 """
 from __future__ import annotations
 
@@ -44,10 +50,11 @@ def stage_names(cfg: RunConfig) -> list[str]:
     return [s.name or f"{k + 1}-{s.kind}" for k, s in enumerate(cfg.distill.stages)]
 
 
-def stage_steps(stage, tc) -> int:
+def stage_steps(stage, tc, dp: int = 1) -> int:
+    """A stage's optimizer steps (``tokens`` count the whole job's: micro-batch x accum x DP ranks)."""
     if stage.steps is not None:
         return stage.steps
-    return max(1, math.ceil(stage.tokens / (tc.batch_size * tc.seq_len * tc.grad_accum)))
+    return max(1, math.ceil(stage.tokens / (tc.batch_size * tc.seq_len * tc.grad_accum * dp)))
 
 
 def plan_student(cfg: RunConfig, teacher, tcfg: RunConfig):
@@ -106,14 +113,34 @@ def _stage_done(root: Path, steps: int) -> bool:
     return meta.get("step") == steps and "val_loss" in meta
 
 
+def _ranks(cfg: RunConfig):
+    """(rank, DP size, barrier, device): under a launcher the process group is joined here (the
+    stages' DeepSpeed runs reuse it; tp_size is 1, so every rank is a DP rank); one process:
+    (0, 1, a no-op, train.device)."""
+    from seqlm.parallel import engine as E
+
+    if not E.launched():
+        return 0, 1, lambda: None, resolve_device(cfg.train)
+    import torch.distributed as dist
+
+    E.init_distributed(cfg.distributed.timeout_s)
+    return dist.get_rank(), dist.get_world_size(), dist.barrier, E.device()
+
+
 def distill(cfg: RunConfig, resume: bool = False, stop_at: Optional[tuple] = None) -> dict:
     """Run every stage of ``cfg.distill``; ``stop_at`` = (stage index or name, step) stops there
-    with a checkpoint (continue with ``resume=True``). Returns the report."""
+    with a checkpoint (continue with ``resume=True``). Returns the report (on rank 0; the other
+    ranks of a launched run get ``{"rank": r, "student_checkpoint": ...}``)."""
     dc = cfg.distill
     if dc is None:
         raise ConfigError("distill: the config has no distill: section")
+    if cfg.distributed.tp_size > 1:
+        from seqlm.train.distributed import TP_OBJECTIVE
+
+        raise ConfigError(TP_OBJECTIVE.format(tp=cfg.distributed.tp_size))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    rank, dp, barrier, device = _ranks(cfg)
     run = Path(cfg.train.out_dir)
     teacher, tcfg, tok = load_teacher(dc.teacher)
     if "tokenizer" in cfg.data.model_fields_set and cfg.data.tokenizer.type != tok.type:
@@ -128,8 +155,9 @@ def distill(cfg: RunConfig, resume: bool = False, stop_at: Optional[tuple] = Non
                                                 else None)
         if stop_stage is None:
             raise ValueError(f"--stop-at: unknown stage {stop_at[0]!r}; stages: {names} (or 1..{len(names)})")
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(dump_config(cfg))
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.yaml").write_text(dump_config(cfg))
 
     # the student before stage 1
     init = run / "init"
@@ -144,21 +172,23 @@ def distill(cfg: RunConfig, resume: bool = False, stop_at: Optional[tuple] = Non
             raise CheckpointError(f"distill.student_init: {str(src)!r} uses another tokenizer than the teacher")
         from seqlm.io import load_weights
         load_weights(student, src)
-    if not (resume and find_checkpoint(init) is not None):
+    if rank == 0 and not (resume and find_checkpoint(init) is not None):
         save_checkpoint(init, student, _with_model(cfg, smc), tok, meta={"distill": "init", "pairs": pairs})
 
     from seqlm.data.dataset import load_data
-    device = resolve_device(cfg.train)
-    amp = autocast_dtype(cfg.train, device)
-    data = load_data(cfg.data, tok, seq_len=cfg.train.seq_len)
     t_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dc.teacher_dtype)
     teacher.to(device=device, dtype=t_dtype or torch.float32)
-    teacher_val = estimate_loss(teacher, data, cfg, device, amp)
-    init_val = estimate_loss(student.to(device), data, cfg, device, amp)
+    if rank == 0:  # data caches: rank 0 builds them (the others read them in the stages' runs)
+        amp = autocast_dtype(cfg.train, device)
+        data = load_data(cfg.data, tok, seq_len=cfg.train.seq_len)
+        ecfg = _with_model(cfg, smc, batch_size=cfg.train.batch_size * dp)  # the stages' windows: global batch
+        teacher_val = estimate_loss(teacher, data, ecfg, device, amp)
+        init_val = estimate_loss(student.to(device), data, ecfg, device, amp)
+    barrier()
 
     prev, stages = init, []
     for k, (st, name) in enumerate(zip(dc.stages, names)):
-        steps = stage_steps(st, cfg.train)
+        steps = stage_steps(st, cfg.train, dp)
         sdir = run / name
         last = k == len(dc.stages) - 1
         scfg = _with_model(cfg, smc, max_steps=steps, lr=st.lr, min_lr=st.lr / 10 if st.min_lr is None else st.min_lr,
@@ -175,18 +205,22 @@ def distill(cfg: RunConfig, resume: bool = False, stop_at: Optional[tuple] = Non
         if resume and _stage_done(ckpt, steps):
             res = {"val_loss": read_meta(ckpt)["val_loss"], "step": steps, "resumed": "done"}
         else:
-            print(f"distill stage {k + 1}/{len(names)}: {name} ({st.kind}, {steps} steps, trains {trainable})")
-            sdir.mkdir(parents=True, exist_ok=True)
-            (sdir / "config.yaml").write_text(dump_config(scfg))
+            if rank == 0:
+                print(f"distill stage {k + 1}/{len(names)}: {name} ({st.kind}, {steps} steps, trains {trainable})")
+                sdir.mkdir(parents=True, exist_ok=True)
+                (sdir / "config.yaml").write_text(dump_config(scfg))
+            barrier()
             # resume=True continues the stage's newest checkpoint, or starts it fresh (init_from)
             res = train(scfg, resume=True if resume else None, stop_at=stop, objective=obj)
+            barrier()  # rank 0 has closed the stage's logs
             if res.get("stopped"):
-                return {"stopped": True, "stage": name, "step": res["step"], "checkpoint": res["checkpoint"]}
+                return {"stopped": True, "stage": name, "step": res["step"], "checkpoint": res["checkpoint"],
+                        "rank": rank}
         recs = [r for r in read_metrics(sdir / "metrics.jsonl") if r.get("kind") == "train"]
         keep = set(trainable_names(student, trainable, pairs))
         n_train = sum(p.numel() for n, p in student.named_parameters() if n in keep)
         stages.append({"name": name, "kind": st.kind, "steps": steps,
-                       "tokens": steps * cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum,
+                       "tokens": steps * cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum * dp,
                        "trainable": trainable if isinstance(trainable, str) else list(trainable),
                        "trainable_params": n_train,
                        "first_loss": recs[0]["loss"] if recs else None, "final_loss": recs[-1]["loss"] if recs else None,
@@ -194,6 +228,8 @@ def distill(cfg: RunConfig, resume: bool = False, stop_at: Optional[tuple] = Non
         prev = sdir
 
     final = prev / "checkpoint"
+    if rank != 0:
+        return {"rank": rank, "student_checkpoint": str(final)}
     s_meta = read_meta(final)
     s_val = s_meta.get("val_loss")
     report = {
@@ -205,6 +241,7 @@ def distill(cfg: RunConfig, resume: bool = False, stop_at: Optional[tuple] = Non
                     "gap_to_teacher": None if s_val is None else s_val - teacher_val},
         "stages": stages,
         "eval": {"batches": cfg.eval.batches, "batch_size": cfg.train.batch_size, "seq_len": cfg.train.seq_len},
+        "dp_size": dp,  # ranks (launched runs; 1 in one process): stage tokens count all of them
     }
     (run / "report.json").write_text(json.dumps(report, indent=2))
     print_report(report)

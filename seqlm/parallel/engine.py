@@ -109,9 +109,11 @@ def ds_config(cfg, dp_size: int, dev, bf16: bool) -> dict:
     return conf
 
 
-def build_engine(model, param_groups, conf: dict):
-    """``deepspeed.initialize`` over a (sharded) model whose forward is ``model.loss(x, y)``,
-    with DeepSpeed's TP/DP groups as its mpu (ZeRO shards over the DP group only)."""
+def build_engine(model, param_groups, conf: dict, loss=None):
+    """``deepspeed.initialize`` over a (sharded) model whose forward is ``model.loss(x, y)``
+    (or ``loss(model, x, y)``: a training objective such as seqlm/distill's, whose extra modules,
+    e.g. a teacher, stay outside the engine), with DeepSpeed's TP/DP groups as its mpu (ZeRO
+    shards over the DP group only)."""
     import deepspeed
     from deepspeed.utils import groups
     from torch import nn
@@ -122,6 +124,8 @@ def build_engine(model, param_groups, conf: dict):
             self.model = m
 
         def forward(self, x, y, seq_idx=None):
+            if loss is not None:
+                return loss(self.model, x, y) if seq_idx is None else loss(self.model, x, y, seq_idx=seq_idx)
             return self.model.loss(x, y) if seq_idx is None else self.model.loss(x, y, seq_idx=seq_idx)
 
     engine, _, _, _ = deepspeed.initialize(model=LossModule(model), model_parameters=param_groups,

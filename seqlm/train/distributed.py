@@ -7,12 +7,16 @@ several ranks; one process without a launcher never does).
   seqlm's schedule (set per optimizer step), so 1 rank = the single-process loop;
 - data: every rank draws the same global batch of ``batch_size x dp`` windows and keeps its
   DP rank's rows (TP ranks of one replica get identical batches; a run at DP=2 sees the
-  windows a single process with twice the batch sees). Global batch = micro-batch x
-  grad_accum x DP size;
+  windows a single process with twice the batch sees, for training and the final
+  validation). Global batch = micro-batch x grad_accum x DP size;
 - checkpoints: DeepSpeed's own (``<out>/ds_checkpoint``, exact resume at the same layout;
   read back through torch's restricted unpickler, seqlm/parallel/engine.py) and a
   consolidated seqlm checkpoint (``<out>/checkpoint``, unsharded safetensors) that
   single-process eval/generate and any TP size load;
+- objective (seqlm distill's stage losses): ``setup(model, device)`` freezes what the stage does
+  not train (and moves its teacher, replicated on every rank) before the engine is built, so
+  frozen parameters stay out of DeepSpeed's optimizer and ZeRO partitions; the engine's loss is
+  ``objective.loss(model, x, y)``. At distributed.tp_size 1 only (data parallelism, ZeRO 0/1/2);
 - failure: collectives time out after ``distributed.timeout_s``; the rank that sees it
   exits non-zero naming itself and the peer it waited for (the launcher then stops the job).
 """
@@ -30,7 +34,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from seqlm.config import RunConfig
+from seqlm.config import ConfigError, RunConfig
 from seqlm.io import build_model, load_weights, maybe_init_from, read_meta, save_checkpoint
 from seqlm.io.checkpoint import CheckpointError
 from seqlm.parallel import engine as E
@@ -38,6 +42,11 @@ from seqlm.parallel.tp import gather_state_dict, shard_model
 from seqlm.train.metrics import MetricsLog
 from seqlm.train.optim import param_groups
 from seqlm.train.schedule import lr_at
+
+
+TP_OBJECTIVE = ("distributed.tp_size: {tp}, but distillation runs at tp_size 1 only (data parallelism, ZeRO "
+                "0/1/2): its orient/align losses compare whole per-head attention matrices and whole block "
+                "outputs, which tensor parallelism shards across ranks; set distributed.tp_size=1")
 
 
 def _draw(data, split, tc, gen, dp, dp_rank, device):
@@ -49,10 +58,31 @@ def _draw(data, split, tc, gen, dp, dp_rank, device):
     return tuple(None if t is None else t[sl] for t in batch)
 
 
-def train_distributed(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
+@torch.no_grad()
+def _estimate_loss(model, data, cfg, device, amp, dp, dp_rank, dp_group) -> float:
+    """loop.estimate_loss at the global batch: the windows one process with ``batch_size x dp``
+    draws, each DP rank its rows, the per-rank means averaged (equal rows per rank)."""
+    from seqlm.train.loop import _loss, autocast
+
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for _ in range(cfg.eval.batches):
+        x, y, seq_idx = _draw(data, "val", cfg.train, gen, dp, dp_rank, device)
+        with autocast(device, amp):
+            total += _loss(model, x, y, seq_idx).double()
+    dist.all_reduce(total, group=dp_group)
+    model.train(was_training)
+    return total.item() / (cfg.eval.batches * dp)
+
+
+def train_distributed(cfg: RunConfig, resume=None, stop_at: Optional[int] = None, objective=None) -> dict:
     from seqlm.train.loop import _prepare, autocast, autocast_dtype
 
     tc, dc = cfg.train, cfg.distributed
+    if objective is not None and dc.tp_size > 1:
+        raise ConfigError(TP_OBJECTIVE.format(tp=dc.tp_size))
     E.init_distributed(dc.timeout_s)
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -72,7 +102,7 @@ def train_distributed(cfg: RunConfig, resume=None, stop_at: Optional[int] = None
         out.mkdir(parents=True, exist_ok=True)
     try:
         return _run(cfg, resume, stop_at, tp_group, dp_group, rank, world, dp, dp_rank, device,
-                    None if ds_bf16 else amp, ds_bf16, out, ds_dir, _prepare, autocast)
+                    None if ds_bf16 else amp, ds_bf16, out, ds_dir, _prepare, autocast, objective)
     except (RuntimeError, dist.DistBackendError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if any(w in str(e).lower() for w in ("timeout", "timed out", "connection", "closed", "reset")):
@@ -84,7 +114,7 @@ def train_distributed(cfg: RunConfig, resume=None, stop_at: Optional[int] = None
 
 
 def _run(cfg, resume, stop_at, tp_group, dp_group, rank, world, dp, dp_rank, device, amp, ds_bf16,
-         out, ds_dir, _prepare, autocast):
+         out, ds_dir, _prepare, autocast, objective=None):
     tc, dc = cfg.train, cfg.distributed
     # data/token caches: rank 0 builds them, the others read them
     if rank == 0:
@@ -105,10 +135,13 @@ def _run(cfg, resume, stop_at, tp_group, dp_group, rank, world, dp, dp_rank, dev
         load_weights(model, ckpt)
     n_params = model.num_params()
     model = shard_model(model.to(device), tp_group, ladder_overlap=dc.ladder_overlap)
+    if objective is not None:  # freezes before the engine: frozen parameters stay out of the optimizer/ZeRO
+        objective.setup(model, device)
     conf = E.ds_config(cfg, dp, device, ds_bf16)
     if rank == 0:
         (out / "deepspeed_config.json").write_text(json.dumps(conf, indent=2))
-    engine = E.build_engine(model, param_groups(model, tc.weight_decay), conf)
+    engine = E.build_engine(model, param_groups(model, tc.weight_decay), conf,
+                            loss=None if objective is None else objective.loss)
     gen = torch.Generator().manual_seed(tc.seed)
     step = 0
     here = {"tp": dc.tp_size, "dp": dp, "zero": dc.zero_stage}
@@ -192,9 +225,7 @@ def _run(cfg, resume, stop_at, tp_group, dp_group, rank, world, dp, dp_rank, dev
         if log is not None:
             log.close()
         return res
-    from seqlm.train.loop import estimate_loss
-
-    val = estimate_loss(model, data, cfg, device, amp)
+    val = _estimate_loss(model, data, cfg, device, amp, dp, dp_rank, dp_group)
     path = save(val_loss=val)
     if log is not None:
         log.log("eval", step, val_loss=val, val_ppl=math.exp(val))

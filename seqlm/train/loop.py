@@ -180,15 +180,13 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None, objective=
     modules such as a teacher); ``objective.loss(model, x, y)`` then replaces ``model.loss(x, y)``
     in the training steps. Validation still reports the model's own cross-entropy.
     Under a multi-rank launcher (deepspeed / torchrun) the DeepSpeed path runs instead
-    (seqlm/train/distributed.py; no ``objective`` there yet)."""
+    (seqlm/train/distributed.py; with an ``objective`` at distributed.tp_size 1 only)."""
     from seqlm.parallel.engine import launched
 
     if launched():
         from seqlm.train.distributed import train_distributed
 
-        if objective is not None:
-            raise ValueError("a custom objective (seqlm distill) runs single-process only for now")
-        return train_distributed(cfg, resume, stop_at)
+        return train_distributed(cfg, resume, stop_at, objective=objective)
     if cfg.distributed.tp_size > 1:
         raise ConfigError(f"distributed.tp_size: {cfg.distributed.tp_size} needs that many ranks; start "
                           f"them with `deepspeed --num_gpus N train.py ...` or `torchrun --nproc_per_node N ...`")
