@@ -477,17 +477,55 @@ def test_dp2_stop_in_stage2_and_resume_continues_exactly(dp_runs):
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6, msg=k)
 
 
-def test_distill_refuses_tensor_parallelism_naming_the_field(teacher, tmp_path, capsys):
+def test_distill_refuses_tensor_parallelism_for_orient_and_align_naming_the_field(teacher, tmp_path, capsys):
     import yaml
 
     from seqlm.cli import main
 
     tmp, ckpt = teacher
     d = {**base(tmp_path, "tp"), "distill": {"teacher": ckpt, "from_teacher": {"pattern": "2-*-"},
-                                              "stages": [{"kind": "logits", "steps": 1}]}}
+                                              "stages": [{"kind": "logits", "steps": 1}, *DP_STAGES[1:]]}}
     path = tmp_path / "tp.yaml"
     path.write_text(yaml.safe_dump(d))
-    assert main(["distill", "-c", str(path), "distributed.tp_size=2"]) == 2
+    for launched in (False, True):   # the check comes before any rank joins a group or writes a file
+        env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"} if launched else {}
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            assert main(["distill", "-c", str(path), "distributed.tp_size=2"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("seqlm:"), err
+        assert "distributed.tp_size: 2" in err and "distill.stages[1] is 'align'" in err and "shards" in err, err
+        assert not (tmp_path / "tp").exists()
+    # logits stages alone pass that check; without a launcher, TP needs its ranks
+    assert main(["distill", "-c", str(path), "distributed.tp_size=2", "distill.stages=[{kind: logits, steps: 1}]"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("seqlm:") and "distributed.tp_size: 2" in err, err
-    assert "shards" in err and not (tmp_path / "tp").exists()   # refused before anything is written
+    assert len(err.splitlines()) == 1 and "distributed.tp_size: 2 needs that many ranks" in err, err
+    assert not (tmp_path / "tp").exists()
+
+
+def test_tp2_logit_distillation_matches_one_process(teacher, tmp_path):
+    """Logits stages read only the (full) logits, so they run on a tensor-parallel student:
+    `torchrun -m seqlm.cli distill` at tp_size 2 (attention, Mamba-2 and MLP layers sharded)
+    follows one process (fp32)."""
+    import yaml
+
+    tmp, ckpt = teacher
+    student = {"d_model": 32, "pattern": "2-*-", "n_layers": 4,
+               "block_defaults": {"mamba2": {"d_state": 8, "head_dim": 8, "chunk_size": 8},
+                                  "attention": {"n_heads": 4, "n_kv_heads": 2}}}
+    d = {**base(tmp_path, "ref", dtype="fp32"),
+         "distill": {"teacher": ckpt, "student": student, "temperature": 2.0, "ce_weight": 0.5,
+                     "stages": [{"kind": "logits", "steps": 5, "lr": 1e-2}]}}
+    ref = distill(parse_config(d))
+    path = tmp_path / "l.yaml"
+    path.write_text(yaml.safe_dump(d))
+    _launch("torchrun", ["-c", path, f"train.out_dir={tmp_path / 'tp'}", "distributed.tp_size=2"], tmp_path)
+    a, b = stage_losses(tmp_path / "ref", "1-logits"), stage_losses(tmp_path / "tp", "1-logits")
+    assert len(b) == 5 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-4, (a, b)
+    wa, wb = (weights(tmp_path / run / "1-logits" / "checkpoint") for run in ("ref", "tp"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-4, msg=k)
+    rep = json.loads((tmp_path / "tp" / "report.json").read_text())
+    _same_report(ref, rep)
+    assert json.loads((tmp_path / "tp" / "1-logits" / "deepspeed_config.json").read_text())["train_batch_size"] == 4

@@ -35,7 +35,10 @@ def trainable_names(model: nn.Module, spec: Union[str, list[str]], pairs: list[i
 
 
 class _Objective:
-    """Holds the teacher; freezes the student's parameters outside the stage's trainable set."""
+    """Holds the teacher; freezes the student's parameters outside the stage's trainable set.
+    ``tensor_parallel``: whether the loss is right on a tensor-parallel (sharded) student."""
+
+    tensor_parallel = False  # orient/align read per-head matrices and block outputs of whole layers
 
     def __init__(self, teacher: nn.Module, pairs: list[int], trainable, teacher_dtype: Optional[torch.dtype] = None):
         self.teacher, self.pairs, self.trainable, self.teacher_dtype = teacher, list(pairs), trainable, teacher_dtype
@@ -111,6 +114,8 @@ class Align(_Objective):
 
 
 class Logits(_Objective):
+    tensor_parallel = True  # reads only the model's (full) logits: runs sharded at any distributed.tp_size
+
     def __init__(self, teacher, pairs, trainable, teacher_dtype=None, temperature: float = 1.0,
                  kl_weight: float = 1.0, ce_weight: float = 0.0):
         super().__init__(teacher, pairs, trainable, teacher_dtype)

@@ -14,7 +14,8 @@ Under a launcher (``deepspeed --num_gpus N -m seqlm.cli distill ...`` / torchrun
 runs ``distill``: each holds the whole teacher, each stage is a DeepSpeed run (data
 parallelism, ZeRO 0/1/2; seqlm/train/distributed.py), rank 0 writes init/, the configs and
 the report (the others wait at barriers, then read complete files) and prints. Tensor
-parallelism is refused at the start (distributed.tp_size).
+parallelism (distributed.tp_size > 1) runs logits stages only; a run with an orient or align
+stage is refused at the start.
 """
 from __future__ import annotations
 
@@ -115,16 +116,19 @@ def _stage_done(root: Path, steps: int) -> bool:
 
 def _ranks(cfg: RunConfig):
     """(rank, DP size, barrier, device): under a launcher the process group is joined here (the
-    stages' DeepSpeed runs reuse it; tp_size is 1, so every rank is a DP rank); one process:
-    (0, 1, a no-op, train.device)."""
+    stages' DeepSpeed runs reuse it); one process: (0, 1, a no-op, train.device)."""
     from seqlm.parallel import engine as E
 
     if not E.launched():
+        if cfg.distributed.tp_size > 1:
+            raise ConfigError(f"distributed.tp_size: {cfg.distributed.tp_size} needs that many ranks; start them "
+                              f"with `deepspeed --num_gpus N --module seqlm.cli distill ...` or "
+                              f"`torchrun --nproc_per_node N -m seqlm.cli distill ...`")
         return 0, 1, lambda: None, resolve_device(cfg.train)
     import torch.distributed as dist
 
     E.init_distributed(cfg.distributed.timeout_s)
-    return dist.get_rank(), dist.get_world_size(), dist.barrier, E.device()
+    return dist.get_rank(), dist.get_world_size() // cfg.distributed.tp_size, dist.barrier, E.device()
 
 
 def distill(cfg: RunConfig, resume: bool = False, stop_at: Optional[tuple] = None) -> dict:
@@ -134,10 +138,14 @@ def distill(cfg: RunConfig, resume: bool = False, stop_at: Optional[tuple] = Non
     dc = cfg.distill
     if dc is None:
         raise ConfigError("distill: the config has no distill: section")
-    if cfg.distributed.tp_size > 1:
-        from seqlm.train.distributed import TP_OBJECTIVE
-
-        raise ConfigError(TP_OBJECTIVE.format(tp=cfg.distributed.tp_size))
+    sharded = [k for k, st in enumerate(dc.stages) if not OBJECTIVES[st.kind].tensor_parallel]
+    if cfg.distributed.tp_size > 1 and sharded:
+        k = sharded[0]
+        raise ConfigError(
+            f"distributed.tp_size: {cfg.distributed.tp_size}, but distill.stages[{k}] is "
+            f"{dc.stages[k].kind!r}: orient and align stages run at tp_size 1 only (data parallelism, ZeRO "
+            f"0/1/2), as their losses compare whole per-head attention matrices and whole block outputs, "
+            f"which tensor parallelism shards across ranks; set distributed.tp_size=1 (logits stages run at any)")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     rank, dp, barrier, device = _ranks(cfg)

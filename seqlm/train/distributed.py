@@ -16,7 +16,8 @@ several ranks; one process without a launcher never does).
 - objective (seqlm distill's stage losses): ``setup(model, device)`` freezes what the stage does
   not train (and moves its teacher, replicated on every rank) before the engine is built, so
   frozen parameters stay out of DeepSpeed's optimizer and ZeRO partitions; the engine's loss is
-  ``objective.loss(model, x, y)``. At distributed.tp_size 1 only (data parallelism, ZeRO 0/1/2);
+  ``objective.loss(model, x, y)``. At any tp_size if the objective declares
+  ``tensor_parallel = True`` (it sees only the model's full outputs), else at tp_size 1;
 - failure: collectives time out after ``distributed.timeout_s``; the rank that sees it
   exits non-zero naming itself and the peer it waited for (the launcher then stops the job).
 """
@@ -42,11 +43,6 @@ from seqlm.parallel.tp import gather_state_dict, shard_model
 from seqlm.train.metrics import MetricsLog
 from seqlm.train.optim import param_groups
 from seqlm.train.schedule import lr_at
-
-
-TP_OBJECTIVE = ("distributed.tp_size: {tp}, but distillation runs at tp_size 1 only (data parallelism, ZeRO "
-                "0/1/2): its orient/align losses compare whole per-head attention matrices and whole block "
-                "outputs, which tensor parallelism shards across ranks; set distributed.tp_size=1")
 
 
 def _draw(data, split, tc, gen, dp, dp_rank, device):
@@ -81,8 +77,10 @@ def train_distributed(cfg: RunConfig, resume=None, stop_at: Optional[int] = None
     from seqlm.train.loop import _prepare, autocast, autocast_dtype
 
     tc, dc = cfg.train, cfg.distributed
-    if objective is not None and dc.tp_size > 1:
-        raise ConfigError(TP_OBJECTIVE.format(tp=dc.tp_size))
+    if objective is not None and dc.tp_size > 1 and not getattr(objective, "tensor_parallel", False):
+        raise ConfigError(f"distributed.tp_size: {dc.tp_size}, but the training objective "
+                          f"{type(objective).__name__} runs at tp_size 1 only (it does not declare "
+                          f"tensor_parallel = True); set distributed.tp_size=1")
     E.init_distributed(dc.timeout_s)
     if tc.threads:
         torch.set_num_threads(tc.threads)
