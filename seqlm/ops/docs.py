@@ -70,3 +70,51 @@ def bucket_layout(starts: Tensor, lens: Tensor, total: int, steps: int = 1):
         real.append((ar < lens[sel, None]).reshape(-1))
         buckets.append((int(sel.sum()), n))
     return torch.cat(src), torch.cat(real), buckets
+
+
+def slot_of(src: Tensor, real: Tensor, total: int) -> Tensor:
+    """(total,) the slot of each token in a :func:`bucket_layout` (src[slot_of[i]] == i)."""
+    inv = torch.empty(total, dtype=torch.long, device=src.device)
+    inv[src[real]] = real.nonzero()[:, 0]
+    return inv
+
+
+class _ToSlots(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, src, inv):
+        ctx.save_for_backward(inv)
+        return x.index_select(0, src)
+
+    @staticmethod
+    def backward(ctx, g):
+        inv, = ctx.saved_tensors
+        return g.index_select(0, inv), None, None
+
+
+class _FromSlots(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, inv):
+        ctx.save_for_backward(inv)
+        ctx.slots = y.shape[0]
+        return y.index_select(0, inv)
+
+    @staticmethod
+    def backward(ctx, g):
+        inv, = ctx.saved_tensors
+        return g.new_zeros((ctx.slots,) + tuple(g.shape[1:])).index_copy_(0, inv, g), None
+
+
+def to_slots(x: Tensor, src: Tensor, inv: Tensor) -> Tensor:
+    """x (N, ...) tokens -> x[src] (P, ...) slots of a :func:`bucket_layout`, with ``inv`` =
+    :func:`slot_of`. Backward gathers each token's gradient from its own slot (one gather,
+    no scatter-add): the padding slots' gradients are dropped, which is exact for causal
+    per-document kernels, where a right-padding slot reaches only padding outputs and those
+    get zero gradient from :func:`from_slots` (``x[src]`` would add their ~0 back)."""
+    return _ToSlots.apply(x, src, inv)
+
+
+def from_slots(y: Tensor, inv: Tensor) -> Tensor:
+    """y (P, ...) slot outputs -> y[inv] (N, ...) in token order; the padding slots get zero
+    gradient."""
+    return _FromSlots.apply(y, inv)
+

@@ -44,7 +44,7 @@ def fft_conv_docs(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None, seq_
     output); the real outputs are gathered back in token order. When the rows' first
     documents hold most tokens, the plain convolution of each row (exact up to its first
     boundary) is kept and only the later documents are convolved on their own."""
-    from seqlm.ops.docs import bucket_layout, segments
+    from seqlm.ops.docs import bucket_layout, from_slots, segments, slot_of, to_slots
 
     B, C, L = u.shape
     starts, lens = segments(seq_idx)                             # over the flattened B*L tokens
@@ -57,15 +57,15 @@ def fft_conv_docs(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None, seq_
         starts, lens = starts[later], lens[later]
     src, dst, buckets = bucket_layout(starts, lens, B * L, STEPS)
     src, dst = src.to(u.device), dst.to(u.device)
-    g = u.transpose(1, 2).reshape(B * L, C)[src]                 # (P, C), documents in buckets
+    flat = u.transpose(1, 2).reshape(B * L, C)
+    inv = slot_of(src, dst, B * L) if y is None else None
+    g = flat[src] if inv is None else to_slots(flat, src, inv)  # (P, C), documents in buckets
     outs = []
     for (m, n), seg in zip(buckets, g.split([m * n for m, n in buckets])):  # split: no zero-filled grads
         outs.append(fft_conv(seg.view(m, n, C).transpose(1, 2), k[:, :n], D).transpose(1, 2).reshape(m * n, C))
+    if inv is not None:  # every document was convolved: the outputs back in token order
+        return from_slots(torch.cat(outs), inv).view(B, L, C).transpose(1, 2)
     vals = torch.cat(outs)[dst]                                  # real outputs, bucket order
-    if y is None:  # every document was convolved: put the outputs back in token order
-        inv = torch.empty(B * L, dtype=torch.long, device=u.device)
-        inv[src[dst]] = torch.arange(len(vals), device=u.device)
-        return vals[inv].view(B, L, C).transpose(1, 2)
     y = y.transpose(1, 2).reshape(B * L, C).index_copy(0, src[dst], vals)
     return y.view(B, L, C).transpose(1, 2)
 
