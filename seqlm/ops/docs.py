@@ -52,15 +52,40 @@ def segments(seq_idx: Tensor) -> tuple[Tensor, Tensor]:
     return starts, ends - starts
 
 
-def bucket_layout(starts: Tensor, lens: Tensor, total: int, steps: int = 1):
+def merge_sizes(size: Tensor, cost, overhead: float) -> Tensor:
+    """Round bucket sizes ``size`` (per document) up to fewer distinct sizes where one call
+    fewer saves more than the padding costs: ``cost(n)`` is the work of one document padded
+    to n, ``overhead`` the fixed cost of a call, in the same units. Exact minimum over
+    groupings of consecutive sizes (dynamic programming over the distinct sizes)."""
+    sizes, counts = size.unique(return_counts=True)
+    sizes, counts = sizes.tolist(), counts.tolist()
+    k = len(sizes)
+    best, cut = [0.0] + [float("inf")] * k, [0] * (k + 1)          # best[j]: sizes[:j] laid out
+    for j in range(1, k + 1):
+        for i in range(j):  # sizes[i:j] share one call of size sizes[j-1]
+            c = best[i] + overhead + sum(counts[i:j]) * cost(sizes[j - 1])
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    out, j = size.clone(), k
+    while j:
+        i = cut[j]
+        out[(size >= sizes[i]) & (size <= sizes[j - 1])] = sizes[j - 1]
+        j = i
+    return out
+
+
+def bucket_layout(starts: Tensor, lens: Tensor, total: int, steps: int = 1, merge=None):
     """Lay documents (flat ``starts``, ``lens`` over ``total`` tokens) out for batched
     per-document kernels: documents are grouped by length rounded up to 2^steps sizes per
     octave (<= 2^-steps padding) and each group is an (m, n) block of m documents
     right-padded to n slots. Returns ``src`` (P,) the token of each slot (padding slots point
     at some real token: for causal kernels right padding never reaches a real output),
-    ``real`` (P,) bool, and ``buckets`` [(m, n)] in slot order."""
+    ``real`` (P,) bool, and ``buckets`` [(m, n)] in slot order. ``merge`` (cost, overhead):
+    fewer buckets where a call costs more than the padding (:func:`merge_sizes`)."""
     step = 2 ** (torch.floor(torch.log2(lens.double())).long() - steps).clamp(min=0)
     size = (lens + step - 1) // step * step
+    if merge is not None:
+        size = merge_sizes(size, *merge)
     src, real, buckets = [], [], []
     for n in size.unique().tolist():
         sel = size == n
