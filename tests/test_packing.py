@@ -250,6 +250,17 @@ def test_fft_conv_docs_matches_ref(lens):
     _close_with_grads(fft_conv_docs(u, k, D, si), fft_conv_ref(u, k, D, si), [u, k, D])
 
 
+def test_merge_sizes_trades_calls_for_padding():
+    from seqlm.ops.docs import merge_sizes
+
+    size = torch.tensor([2, 2, 3, 8, 8, 8, 64])
+    assert merge_sizes(size, lambda n: n, 0).tolist() == size.tolist()       # calls are free: no padding
+    assert merge_sizes(size, lambda n: n, 1e9).tolist() == [64] * 7           # calls are dear: one call
+    # a call costs 5: the 2s pad to 3 (+2 < 5); joining the 8s would pad 3 documents by 5-6
+    # (+16 > 5), the 64 by 56 each
+    assert merge_sizes(size, lambda n: n, 5).tolist() == [3, 3, 3, 8, 8, 8, 64]
+
+
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("path", ["mask", "buckets"])  # short windows: one masked call; long: buckets
 def test_attention_seq_idx_matches_ref(window, path, monkeypatch):
