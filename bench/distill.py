@@ -47,6 +47,8 @@ from seqlm.config import FromTeacherConfig, load_config, parse_config  # noqa: E
 from seqlm.distill.init import student_config  # noqa: E402
 from seqlm.distill.runner import distill  # noqa: E402
 from seqlm.train.loop import train  # noqa: E402
+from seqlm.io import read_meta  # noqa: E402
+from seqlm.io.checkpoint import CheckpointError  # noqa: E402
 
 MOHAWK_SPLIT = (0.03, 0.05)   # stage 1, stage 2 fractions; stage 3 takes the rest
 
@@ -184,9 +186,11 @@ def main() -> int:
     tck = work / "teacher" / "checkpoint"
     tcfg = parse_config(tc)
 
-    def teacher_done() -> bool:
-        meta = tck / "meta.json"
-        return meta.exists() and json.loads(meta.read_text()).get("step") == tsteps
+    def teacher_done() -> bool:  # the teacher's final checkpoint is complete (step directories + `latest`)
+        try:
+            return read_meta(tck).get("step") == tsteps
+        except (OSError, CheckpointError):
+            return False
 
     for name in args.order.split(","):
         if name != "teacher" and name not in PLANS:

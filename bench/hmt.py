@@ -116,7 +116,14 @@ def measure_child(ckpt: str, n: int, context, stride=None) -> None:
     except OSError:  # pragma: no cover - then the peak may include loading (reported)
         method = "ru_maxrss"
     t0 = time.perf_counter()
-    score_documents(model, [ids], context, stride, batch_size=1, chunk=1024, progress=False)
+    if context == "model":  # the model alone: its stateful path in 1024-token chunks, outputs dropped
+        with torch.no_grad():
+            x, st = torch.tensor(ids)[None], model.init_state(1, n)
+            for i in range(0, n, 1024):
+                h, st = model.hidden(x[:, i:i + 1024], st)
+                model.head(h)
+    else:
+        score_documents(model, [ids], context, stride, batch_size=1, chunk=1024, progress=False)
     wall = time.perf_counter() - t0
     peak = _rss_kib("VmHWM") if method != "ru_maxrss" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"n": n, "rss_before_mib": before / 1024, "peak_rss_mib": peak / 1024,
@@ -233,6 +240,40 @@ def plot(result: dict, png: Path) -> None:
     plt.close(fig)
 
 
+def memory_only(args) -> None:
+    """Peak RSS growth vs input length for the rows of the full mode, plus the HMT model's own
+    stateful pass (no scoring bookkeeping), on models trained 2 steps."""
+    torch.set_num_threads(args.threads)
+    import contextlib
+    import io
+
+    from seqlm.config import parse_config
+    from seqlm.train.loop import train
+
+    L, n_sens = 64, 16
+    mem_cfg = {"type": "hmt", "segment_len": L, "n_memory": 1, "n_sensory": n_sens, "bptt_depth": 4}
+    out, ck = Path(args.out) / "memory_only", {}
+    for name, mem in (("plain", None), ("hmt", mem_cfg)):
+        with contextlib.redirect_stdout(io.StringIO()):
+            ck[name] = train(parse_config(run_cfg(out / name, 4 * L, 2, mem, args.threads)))["checkpoint"]
+    lengths = [8192 * m for m in (1, 2, 4, 8)]
+    eff = L + n_sens
+    rows = {"hmt model alone (stateful 1024-token chunks, outputs dropped)": [
+                measure(ck["hmt"], n, "model") for n in lengths],
+            "hmt (streaming, segment window), scored": [measure(ck["hmt"], n) for n in lengths],
+            f"plain LM, sliding window {eff} stride {L} (matched), scored": [
+                measure(ck["plain"], n, eff, L) for n in lengths],
+            "plain LM, whole input as one window (KV cache), scored": [measure(ck["plain"], n) for n in lengths]}
+    result = {"mode": "memory_only", "threads": args.threads, "machine": machine_info(args.threads),
+              "backbone": BACKBONE, "memory": mem_cfg, "memory_vs_length": rows,
+              "growth_8x_over_1x_mib": {k: v[-1]["delta_mib"] - v[0]["delta_mib"] for k, v in rows.items()},
+              "memory_method": "as the full mode: fresh subprocess per point, peak RSS reset after loading and "
+                               "a warm-up, delta = VmHWM after - VmRSS before"}
+    (ROOT / "bench/results").mkdir(parents=True, exist_ok=True)
+    (ROOT / "bench/results/hmt_memory.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result["growth_8x_over_1x_mib"], indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short training, truncated validation (CPU minutes)")
@@ -242,11 +283,18 @@ def main() -> None:
     ap.add_argument("--recall-n-memory", type=int, default=4, help="recall task: HMT n_memory")
     ap.add_argument("--recall-lr", type=float, default=1e-3)
     ap.add_argument("--out", default=str(ROOT / "runs/bench_hmt"))
+    ap.add_argument("--memory-only", action="store_true",
+                    help="only the memory-vs-length rows, on 2-step models (memory does not depend on the "
+                         "weights' values), plus the HMT model alone; writes bench/results/hmt_memory.json")
     ap.add_argument("--measure-child", nargs=4, metavar=("CKPT", "N", "CONTEXT", "STRIDE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure_child:
         ck, n, ctx, st = args.measure_child
-        measure_child(ck, int(n), None if ctx == "full" else int(ctx), int(st) or None)
+        context = {"full": None, "model": "model"}[ctx] if not ctx.isdigit() else int(ctx)
+        measure_child(ck, int(n), context, int(st) or None)
+        return
+    if args.memory_only:
+        memory_only(args)
         return
     torch.set_num_threads(args.threads)
     from seqlm.config import parse_config

@@ -1,4 +1,6 @@
 import torch
+import pytest
+import torch.nn.functional as F
 
 from seqlm.ops.conv import causal_conv1d, causal_conv1d_ref, causal_conv1d_step
 
@@ -77,3 +79,51 @@ def test_token_major_conv_matches_ref_state_and_grads():
     args = (x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_(),
             torch.randn(B, C, K - 1, dtype=torch.float64, requires_grad=True))
     assert torch.autograd.gradcheck(lambda *a: causal_conv1d_tokens(*a, "silu")[0], args)
+
+
+@pytest.mark.parametrize("K,L", [(33, 20), (32, 45), (40, 7)])
+def test_long_kernel_fft_path_matches_ref_state_seq_idx_and_grads(K, L):
+    """Long kernels (H3's 64-tap shift) go through the FFT (ops.conv.use_fft_conv): same outputs,
+    carried state, document restarts and gradients as the obvious loop."""
+    from seqlm.ops.conv import _ConvTokens, causal_conv1d_tokens, use_fft_conv
+
+    assert use_fft_conv(K, L) and not use_fft_conv(4, L) and not use_fft_conv(K, 17 * K)
+    torch.manual_seed(2)
+    B, C = 2, 3
+    x = torch.randn(B, L, C, dtype=torch.float64)
+    w = torch.randn(C, K, dtype=torch.float64)
+    b = torch.randn(C, dtype=torch.float64)
+    ref = causal_conv1d_ref(x.transpose(1, 2), w, b, "silu").transpose(1, 2)
+    called = []
+    orig = _ConvTokens.apply
+    _ConvTokens.apply = lambda *a: called.append(1) or orig(*a)  # the loop must not run
+    try:
+        y, _ = causal_conv1d_tokens(x, w, b, None, "silu")
+        torch.testing.assert_close(y, ref)
+        cut = L // 2
+        y1, st = causal_conv1d_tokens(x[:, :cut], w, b, torch.zeros(B, C, K - 1, dtype=torch.float64), "silu")
+        y2, st = causal_conv1d_tokens(x[:, cut:], w, b, st, "silu")
+        torch.testing.assert_close(torch.cat([y1, y2], 1), ref)
+        full = torch.cat([torch.zeros(B, K - 1, C, dtype=torch.float64), x], 1)
+        torch.testing.assert_close(st, full[:, -(K - 1):].transpose(1, 2))
+        seq_idx = torch.zeros(B, L, dtype=torch.long)
+        seq_idx[0, L // 3:] = 1
+        seq_idx[1, 1:] = 1
+        seq_idx[1, L - 2:] = 2
+        yd, _ = causal_conv1d_tokens(x, w, b, None, "silu", seq_idx)
+        rd = causal_conv1d_ref(x.transpose(1, 2), w, b, "silu", seq_idx).transpose(1, 2)
+        torch.testing.assert_close(yd, rd)
+        st0 = torch.randn(B, C, K - 1, dtype=torch.float64)
+        ys, sts = causal_conv1d_tokens(x, w, b, st0, "silu", seq_idx)
+        with_state = torch.cat([st0.transpose(1, 2), x], 1)
+        si = F.pad(seq_idx, (K - 1, 0))
+        rs = causal_conv1d_ref(with_state.transpose(1, 2), w, b, "silu", si).transpose(1, 2)[:, K - 1:]
+        torch.testing.assert_close(ys, rs)
+        last = (si[:, -(K - 1):] == seq_idx[:, -1:]).to(x.dtype)[:, None]
+        torch.testing.assert_close(sts, with_state[:, -(K - 1):].transpose(1, 2) * last)
+        args = (x[:, :9].clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_(),
+                torch.randn(B, C, K - 1, dtype=torch.float64, requires_grad=True))
+        assert torch.autograd.gradcheck(lambda *a: causal_conv1d_tokens(*a, "silu")[0], args)
+    finally:
+        _ConvTokens.apply = orig
+    assert not called

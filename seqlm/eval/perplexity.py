@@ -85,16 +85,19 @@ def _hidden_logprobs(model, x: torch.Tensor, y: torch.Tensor, chunk: int, seq_id
         pieces = [(i, x[:, i:i + chunk]) for i in range(0, T, chunk)]
     else:
         state, pieces = None, [(0, x)]
-    out = []
+    out = None  # (b, T), filled in place: no list of pieces to join (which fragmented the heap)
     for i, xi in pieces:
         h, state = model.hidden(xi, state)  # (b, c, D)
         for j in range(0, h.shape[1], chunk):
             logits = model.head(h[:, j:j + chunk])  # (b, c, V)
             if logits.dtype in (torch.float16, torch.bfloat16):
                 logits = logits.float()
-            tgt = y[:, i + j:i + j + logits.shape[1]]  # (b, c)
-            out.append(F.cross_entropy(logits.transpose(1, 2), tgt, reduction="none", ignore_index=-100))
-    return torch.cat(out, 1)
+            c = logits.shape[1]
+            nll = F.cross_entropy(logits.transpose(1, 2), y[:, i + j:i + j + c], reduction="none", ignore_index=-100)
+            if out is None:
+                out = nll.new_empty(b, T)
+            out[:, i + j:i + j + c] = nll
+    return out if out is not None else torch.zeros(b, T, device=x.device)
 
 
 @torch.no_grad()
