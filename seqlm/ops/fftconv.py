@@ -48,8 +48,7 @@ class _FFTConv(torch.autograd.Function):
         uf = torch.fft.rfft(u, n=n)                                  # (B, C, L+1)
         kf = torch.fft.rfft(k, n=n)                                  # (C, L+1)
         y = torch.fft.irfft(uf * kf, n=n)[..., :L]
-        if D is not None:
-            y = y + u * D[:, None]
+        y = y.contiguous() if D is None else y + u * D[:, None]  # not a view: callers may write into it
         ctx.save_for_backward(uf, kf, u if D is not None else None, D)
         ctx.k_len = k.shape[-1]
         return y
@@ -99,17 +98,20 @@ def fft_conv_docs(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None, seq_
     merge = (lambda n: C * 2 * n * math.log2(2 * n), FFT_CALL_COST)  # noqa: E731
     src, dst, buckets = bucket_layout(starts, lens, B * L, STEPS, merge)
     src, dst = src.to(u.device), dst.to(u.device)
-    flat = u.transpose(1, 2).reshape(B * L, C)
-    inv = slot_of(src, dst, B * L) if y is None else None
-    g = flat[src] if inv is None else to_slots(flat, src, inv)  # (P, C), documents in buckets
+    if y is None:
+        inv = slot_of(src, dst, B * L)
+        g = to_slots(u.transpose(1, 2).reshape(B * L, C), src, inv)  # (P, C), documents in buckets
+    else:  # a few documents: gathered from u as it lies, no copy of the whole window
+        g = u.transpose(1, 2)[src // L, src % L]
     outs = []
     for (m, n), seg in zip(buckets, g.split([m * n for m, n in buckets])):  # split: no zero-filled grads
         outs.append(fft_conv(seg.view(m, n, C).transpose(1, 2), k[:, :n], D).transpose(1, 2).reshape(m * n, C))
-    if inv is not None:  # every document was convolved: the outputs back in token order
+    if y is None:  # every document was convolved: the outputs back in token order
         return from_slots(torch.cat(outs), inv).view(B, L, C).transpose(1, 2)
-    vals = torch.cat(outs)[dst]                                  # real outputs, bucket order
-    y = y.transpose(1, 2).reshape(B * L, C).index_copy(0, src[dst], vals)
-    return y.view(B, L, C).transpose(1, 2)
+    tok = src[dst]
+    # y is fresh (fft_conv saves no output): overwrite the later documents in place
+    y.transpose(1, 2).index_put_((tok // L, tok % L), torch.cat(outs)[dst])
+    return y
 
 
 def fft_conv_ref(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None,
