@@ -29,9 +29,10 @@ Two paths compute the same function:
 
 Packed windows (``seq_idx``, seqlm/ops/docs.py): every document is run as its own input, its
 segments aligned to its first token, starting from the initial memory with an empty cache,
-so no memory crosses a document boundary. Documents with the same number of segments are
-right-padded to that many full segments and batched (causal backbone: the padding never
-reaches a real token; a padded segment's memory is read by no later real segment).
+so no memory crosses a document boundary. All documents run as one batch, sorted by segment
+count and right-padded to whole segments: segment n is one backbone call over the documents
+that have an n-th segment (causal backbone: the padding never reaches a real token; a
+document's last, padded segment writes no memory).
 """
 from __future__ import annotations
 
