@@ -96,7 +96,12 @@ def test_impossible_layouts_fail_at_load_naming_the_field():
            ({"pattern": "2", "d_model": 32, "block_defaults": {"mamba2": {"head_dim": 8, "ngroups": 2}}}, 4,
             "model.layers[0].ngroups"),
            ({"pattern": "2", "d_model": 32, "block_defaults": {"mamba2": {"head_dim": 16}}}, 8,
-            "model.layers[0].head_dim")]
+            "model.layers[0].head_dim"),
+           ({"pattern": "-H", "d_model": 24, "block_defaults": {"h3": {"head_dim": 4}}}, 4, "model.layers[1].head_dim"),
+           ({"pattern": "M", "d_model": 25}, 4, "model.layers[0].expand"),
+           ({"pattern": "-", "d_model": 32, "block_defaults": {"mlp": {"hidden": 90}}}, 4, "model.layers[0].hidden"),
+           ({"pattern": "-", "d_model": 25, "block_defaults": {"mlp": {"kind": "relu2"}}}, 8,  # 4*d_model = 100
+            "model.layers[0].hidden")]
     for model, tp, field in bad:
         with pytest.raises(ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
             parse_config({"model": model, "distributed": {"tp_size": tp}})
@@ -139,3 +144,19 @@ def test_generated_deepspeed_config_and_user_override(tmp_path):
     user.write_text("[1, 2]")
     with pytest.raises(ConfigError, match="distributed.deepspeed_config"):
         ds_config(cfg, 1, torch.device("cpu"), False)
+
+
+def test_universal_checkpoint_resume_is_refused():
+    """DeepSpeed reads universal checkpoints with its own unrestricted unpickler: refused."""
+    from seqlm.io.checkpoint import CheckpointError
+    from seqlm.parallel.engine import load_ds_checkpoint
+
+    class Engine:  # only what load_ds_checkpoint asks before touching any file
+        def load_universal_checkpoint(self):
+            return True
+
+        def load_checkpoint(self, *a, **k):
+            raise AssertionError("must not be reached")
+
+    with pytest.raises(CheckpointError, match="checkpoint.load_universal"):
+        load_ds_checkpoint(Engine(), "/nonexistent", "step1")

@@ -23,7 +23,7 @@ class MLPConfig(BlockConfig):
     bias: bool = Field(False, description="Bias in the linear layers.")
 
     def tp_check(self, d_model: int, tp: int) -> list[tuple[str, str]]:
-        h = self.hidden or (4 * d_model if self.kind == "gelu" else ((8 * d_model // 3) + 63) // 64 * 64)
+        h = self.hidden or (4 * d_model if self.kind != "swiglu" else ((8 * d_model // 3) + 63) // 64 * 64)
         return [("hidden", f"{h} does not split over tp_size={tp}")] if h % tp else []
 
 

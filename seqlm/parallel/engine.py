@@ -4,6 +4,11 @@ The launcher is DeepSpeed's (``deepspeed --num_gpus N train.py ...``) or torchru
 RANK / WORLD_SIZE / MASTER_ADDR. ``deepspeed.init_distributed`` picks the backend from
 DeepSpeed's accelerator (gloo on CPU, NCCL on CUDA); the TP and DP groups are DeepSpeed's
 device mesh (``deepspeed.utils.groups``), ranks [dp, tp] with TP innermost.
+
+DeepSpeed's checkpoint is ``torch.save`` pickles, and DeepSpeed reads it back with an
+unrestricted unpickler. seqlm never does: the engine's checkpoint reader is replaced by
+:func:`safe_load` (torch's restricted ``weights_only`` unpickler with a four-class
+allowlist), and :func:`load_ds_checkpoint` checks every file of the tag first.
 """
 from __future__ import annotations
 
@@ -121,4 +126,87 @@ def build_engine(model, param_groups, conf: dict):
 
     engine, _, _, _ = deepspeed.initialize(model=LossModule(model), model_parameters=param_groups,
                                            config=conf, mpu=groups)
+    engine.checkpoint_engine.load = safe_load  # every file DeepSpeed reads back (model, optimizer, ZeRO)
     return engine
+
+
+# -- DeepSpeed's checkpoint, read back without running code ---------------------------------
+def ds_safe_globals() -> list:
+    """The only classes (besides tensors, containers, numbers and strings) in DeepSpeed's
+    ZeRO 0/1/2 checkpoints, found with ``torch.serialization.get_unsafe_globals_in_checkpoint``
+    on real runs: plain records rebuilt from their fields (a slice's numel/start, a loss
+    scale, the ZeRO stage number). Constructing them runs no code from the file."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [fragment_address, LossScaler, DynamicLossScaler, ZeroStageEnum]
+
+
+def _why(e: Exception) -> str:
+    """One line out of torch's (multi-line) refusal."""
+    import re
+
+    msg = str(e)
+    g = re.search(r"GLOBAL ([\w.]+)", msg)
+    if g:
+        return f"it names {g.group(1)}, which is not allowed"
+    tail = msg.split("WeightsUnpickler error:", 1)[-1] if "Weights only" in msg else msg
+    lines = [l.strip() for l in tail.splitlines() if l.strip() and not l.strip().startswith("Check the doc")]
+    return (lines or [type(e).__name__])[0][:200]
+
+
+def safe_load(path, map_location=None):
+    """``torch.load`` of one DeepSpeed checkpoint file through the restricted unpickler
+    (``weights_only``, plus :func:`ds_safe_globals`); anything else, or an unreadable file,
+    is one CheckpointError naming the file."""
+    import torch
+    from torch.serialization import safe_globals
+
+    from seqlm.io.checkpoint import CheckpointError
+
+    try:
+        with safe_globals(ds_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a refused global, a truncated or foreign file
+        raise CheckpointError(f"DeepSpeed checkpoint {str(path)!r}: not loaded ({_why(e)}); only tensors and "
+                              f"DeepSpeed's plain state records are read, nothing in a checkpoint may run code") from None
+
+
+def check_ds_checkpoint(tag_dir) -> None:
+    """Every ``*.pt`` of a DeepSpeed checkpoint tag may name only allowlisted globals. The
+    pickles are disassembled, not run, and every rank checks every file, so a planted file
+    stops all ranks with the same CheckpointError (not one rank, leaving the others
+    waiting in a collective). :func:`safe_load` still guards the actual reads."""
+    from pathlib import Path
+
+    from torch.serialization import get_unsafe_globals_in_checkpoint, safe_globals
+
+    from seqlm.io.checkpoint import CheckpointError
+
+    for f in sorted(Path(tag_dir).glob("*.pt")):
+        try:
+            with safe_globals(ds_safe_globals()):
+                bad = get_unsafe_globals_in_checkpoint(str(f))
+        except Exception as e:  # noqa: BLE001 - not a torch zip file, a truncated one
+            raise CheckpointError(f"DeepSpeed checkpoint {str(f)!r}: unreadable ({_why(e)})") from None
+        if bad:
+            raise CheckpointError(f"DeepSpeed checkpoint {str(f)!r}: refused, it names {sorted(bad)} (only tensors "
+                                  f"and DeepSpeed's plain state records are read, nothing in a checkpoint may run code)")
+
+
+def load_ds_checkpoint(engine, ds_dir, tag: str) -> dict:
+    """Restore the engine (weights, optimizer, ZeRO partitions) from ``ds_dir/tag`` and
+    return the client state, with every file read by :func:`safe_load`."""
+    from seqlm.io.checkpoint import CheckpointError
+
+    if engine.load_universal_checkpoint():  # DeepSpeed reads universal checkpoints with its own unpickler
+        raise CheckpointError("distributed.deepspeed_config: checkpoint.load_universal is not supported "
+                              "(DeepSpeed unpickles those files without restriction)")
+    check_ds_checkpoint(os.path.join(ds_dir, tag))
+    path, client = engine.load_checkpoint(str(ds_dir), tag=tag)
+    if path is None or client is None:
+        raise CheckpointError(f"--resume: DeepSpeed found no checkpoint {tag!r} in {str(ds_dir)!r}")
+    return client

@@ -9,8 +9,9 @@ several ranks; one process without a launcher never does).
   DP rank's rows (TP ranks of one replica get identical batches; a run at DP=2 sees the
   windows a single process with twice the batch sees). Global batch = micro-batch x
   grad_accum x DP size;
-- checkpoints: DeepSpeed's own (``<out>/ds_checkpoint``, exact resume at the same layout)
-  and a consolidated seqlm checkpoint (``<out>/checkpoint``, unsharded safetensors) that
+- checkpoints: DeepSpeed's own (``<out>/ds_checkpoint``, exact resume at the same layout;
+  read back through torch's restricted unpickler, seqlm/parallel/engine.py) and a
+  consolidated seqlm checkpoint (``<out>/checkpoint``, unsharded safetensors) that
   single-process eval/generate and any TP size load;
 - failure: collectives time out after ``distributed.timeout_s``; the rank that sees it
   exits non-zero naming itself and the peer it waited for (the launcher then stops the job).
@@ -118,8 +119,7 @@ def _run(cfg, resume, stop_at, tp_group, dp_group, rank, world, dp, dp_rank, dev
                 f"--resume: {str(ds_dir / tag)!r} was written at {layout}, this run is {here}; resume at that "
                 f"layout, or start from the consolidated weights with train.init_from={str(ckpt)!r} "
                 f"(the optimizer state restarts)")
-        # DeepSpeed's own checkpoint format (torch.save): only ever read back from this run's out_dir
-        _, client = engine.load_checkpoint(str(ds_dir), tag=tag)
+        client = E.load_ds_checkpoint(engine, ds_dir, tag)  # restricted unpickler: no code runs
         step = client["step"]
         gen.set_state(client["data_generator"])
         torch.set_rng_state(client["torch_rng"])

@@ -1,10 +1,11 @@
-"""2-rank worker: load consolidated seqlm checkpoints at TP=world, write their logits on
+"""N-rank worker (TP=N): load consolidated seqlm checkpoints at TP=world, write their logits on
 fixed tokens (rank 0): ``python tests/dist/ckpt_logits.py OUT.json CKPT [CKPT ...]``."""
 import json
 import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 torch.set_num_threads(1)
 
@@ -26,6 +27,8 @@ def main(out, ckpts):
     if int(os.environ["RANK"]) == 0:
         with open(out, "w") as f:
             json.dump(res, f)
+    dist.barrier()  # leave together: a rank tearing down gloo while a peer still exits can abort it
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
