@@ -71,13 +71,14 @@ def main():
     from seqlm.io import build_model
 
     torch.set_num_threads(a.threads)
+    alloc = __import__("seqlm.cpualloc").cpualloc.apply_entry_point()  # as `seqlm train` runs
     text = (ROOT / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
     tok = CharTokenizer.fit([text])
     ids = tok.encode_array(text).astype(np.int64)        # char-level token ids, one per character
     B, T = a.batch, a.seq_len
     rng = np.random.default_rng(0)
     out = {"bench": "packing", "cpu": cpu_model(), "threads": a.threads, "torch": torch.__version__,
-           "seq_len": T, "batch": B, "steps": a.steps, "boundaries": {}, "results": {}}
+           "cpu_alloc": alloc, "seq_len": T, "batch": B, "steps": a.steps, "boundaries": {}, "results": {}}
     for bname, (label, starts) in boundaries(text).items():
         flag = np.zeros(len(ids) + 1, dtype=np.int32)
         flag[starts] = 1

@@ -7,9 +7,14 @@ for the duration of that depth's call (:func:`use_depth`):
 
 - every ``nn.Linear`` weight W' is shared by the layers l = k, k + K, k + 2K, ...; with
   ``lora_rank`` r > 0, depth l sees W' + (alpha / r) B_l A_l (B_l: (out, r), A_l: (r, in),
-  r capped at min(in, out)). The delta is merged into the weight the block reads, so it works
-  for blocks that use ``linear.weight`` directly (Mamba-1 splits in_proj, uses dt_proj.weight);
-  in ``no_grad`` (generation) the merged weights are cached until a parameter changes.
+  r capped at min(in, out)). While gradients are on, a plain ``nn.Linear`` runs as
+  :class:`DepthLinear` for the depth's call: ``linear(x)`` applies the delta in the cheaper
+  exact form for its input (:func:`lora_linear`: the factors to x when
+  N (in + out) < in out for N input rows, i.e. decode-sized batches; the merged matrix
+  otherwise, training sizes), and a direct ``linear.weight`` read (Mamba-1 splits in_proj,
+  uses dt_proj.weight) gets the merged matrix, built at most once per call. Other Linear
+  classes (tensor-parallel ones) get the merged matrix in their slot. In ``no_grad``
+  (generation) the merged weights are cached until a parameter changes, so they are merged.
   r = 0 is pure tying: the shared block's weight is the one tensor every depth reads.
 - every other parameter of the block (Linear biases, conv weights, A_log, D, dt bias, inner
   norms, H3's SSM parameters) is a per-depth copy: they are small (vectors, or d_conv-wide
@@ -29,6 +34,7 @@ import re
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from seqlm.blocks.plan import lora_specs
@@ -117,6 +123,51 @@ class DepthParams(nn.Module):
         return plan
 
 
+# False: every depth's Linears get the merged W' + s B A in their weight slot (the reference
+# the tests compare DepthLinear against).
+DISPATCH = True
+
+
+def factored_is_cheaper(rows: int, in_features: int, out_features: int) -> bool:
+    """Whether ``x W'^T + s (x A^T) B^T`` costs fewer multiply-adds than merging: the factors
+    cost rows * r * (in + out) more than x W'^T, merging costs in * out * r (forward; backward
+    both double), so the factors win when rows * (in + out) < in * out."""
+    return rows * (in_features + out_features) < in_features * out_features
+
+
+def lora_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
+                B: torch.Tensor, scale: float, merged: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x (..., in) -> x (W' + scale B A)^T + bias, W' ``w`` (out, in), A (r, in), B (out, r),
+    in the cheaper of the two exact forms (:func:`factored_is_cheaper`); ``merged``: the merged
+    matrix when it is already built (then it is used)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if merged is None and factored_is_cheaper(rows, w.shape[1], w.shape[0]):
+        x2 = x.reshape(rows, x.shape[-1])
+        y = torch.addmm(F.linear(x2, w, bias), F.linear(x2, A), B.t(), alpha=scale)  # (rows, out)
+        return y.view(*x.shape[:-1], w.shape[0])
+    return F.linear(x, torch.addmm(w, B, A, alpha=scale) if merged is None else merged, bias)
+
+
+class DepthLinear(nn.Linear):
+    """An ``nn.Linear`` while it runs as one depth (``use_depth`` swaps the class in and back,
+    as tensor parallelism does for its row-parallel Linears): its weight slot keeps the shared
+    W'; ``forward`` goes through :func:`lora_linear`, and ``.weight`` read directly is the
+    merged W' + s B A (built once per depth call)."""
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        ctx = self.__dict__["_seqlm_depth"]
+        if ctx["merged"] is None:
+            A, B = ctx["AB"]
+            ctx["merged"] = torch.addmm(self._parameters["weight"], B, A, alpha=ctx["scale"])
+        return ctx["merged"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = self.__dict__["_seqlm_depth"]
+        A, B = ctx["AB"]
+        return lora_linear(x, self._parameters["weight"], self.bias, A, B, ctx["scale"], ctx["merged"])
+
+
 def strip_own(block: nn.Module) -> None:
     """Leave only the Linear weights in a shared block; the other slots are filled per depth."""
     for p in own_paths(block):
@@ -128,7 +179,7 @@ def strip_own(block: nn.Module) -> None:
 @contextlib.contextmanager
 def use_depth(block: nn.Module, depth: DepthParams):
     """Run ``block`` as depth ``depth``: its parameter slots hold that depth's tensors."""
-    saved = []
+    saved, swapped = [], []
     try:
         for p in depth.own:
             mod_path, _, name = p.rpartition(".")
@@ -137,11 +188,19 @@ def use_depth(block: nn.Module, depth: DepthParams):
             mod._parameters[name] = getattr(depth, _key(p))
         for lp, _ in depth.lora:
             mod = block.get_submodule(lp)
+            if DISPATCH and type(mod) is nn.Linear and torch.is_grad_enabled():
+                mod.__dict__["_seqlm_depth"] = {"AB": depth.lora_AB(lp), "scale": depth.scale, "merged": None}
+                mod.__class__ = DepthLinear
+                swapped.append(mod)
+                continue
             w = mod._parameters["weight"]
             saved.append((mod, "weight", w))
             mod._parameters["weight"] = depth.merged(lp, w)
         yield block
     finally:
+        for mod in swapped:
+            mod.__class__ = nn.Linear
+            del mod.__dict__["_seqlm_depth"]
         for mod, name, t in reversed(saved):
             mod._parameters[name] = t
 

@@ -57,3 +57,12 @@ def test_diag_kernel_blocked_grads_equal_single_block():
     b = torch.autograd.grad((k(20) * g).sum(), (re, im))
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y)
+
+
+def test_fft_conv_hand_written_backward_gradcheck_short_kernel_and_skip():
+    """fft_conv's backward is written by hand (correlations by FFT): gradcheck with a kernel
+    shorter than the input and the skip D."""
+    u = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    D = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fft_conv, (u, k, D))

@@ -113,6 +113,31 @@ def test_packed_gradients_match_separate_documents():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_packed_hmt_truncated_bptt_gradients():
+    """HMT batches all documents' segments together (sorted by segment count): with
+    bptt_depth, each document still detaches by its own segment count, so the gradients equal
+    those of the documents run one by one (whose truncation tests/test_hmt.py checks)."""
+    model = make("*-", memory={"segment_len": 4, "n_sensory": 2, "bptt_depth": 2})
+    torch.manual_seed(3)
+    x, y = torch.randint(0, V, (2, T)), torch.randint(0, V, (2, T))
+    logits, _ = model(x, seq_idx=SI)
+    params = list(model.parameters())
+    g1 = torch.autograd.grad(F.cross_entropy(logits.transpose(1, 2), y, reduction="sum"), params, allow_unused=True)
+    tot = 0
+    for r, lens in enumerate(LENS):
+        s = 0
+        for n in lens:
+            lg, _ = model(x[r:r + 1, s:s + n])
+            tot = tot + F.cross_entropy(lg.transpose(1, 2), y[r:r + 1, s:s + n], reduction="sum")
+            s += n
+    g2 = torch.autograd.grad(tot, params, allow_unused=True)
+    for a, b in zip(g1, g2):
+        if a is None or b is None:
+            assert a is None and b is None
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_seq_idx_validation():
     with pytest.raises(ValueError, match="seq_idx"):
         check_seq_idx(torch.tensor([[0, 1, 0]]), 1, 3)
@@ -189,13 +214,14 @@ def test_selective_scan_seq_idx_matches_ref():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_causal_conv_seq_idx_matches_ref(bias):
+@pytest.mark.parametrize("act,K", [("silu", 4), (None, 4), (None, 9)])  # None: the boundary-correction path
+def test_causal_conv_seq_idx_matches_ref(bias, act, K):
     torch.manual_seed(0)
     x = torch.randn(2, T, 5, dtype=D64, requires_grad=True)
-    w = torch.randn(5, 4, dtype=D64, requires_grad=True)
+    w = torch.randn(5, K, dtype=D64, requires_grad=True)
     bb = torch.randn(5, dtype=D64, requires_grad=True) if bias else None
-    y, _ = causal_conv1d_tokens(x, w, bb, None, "silu", SI)
-    yr = causal_conv1d_ref(x.transpose(1, 2), w, bb, "silu", SI).transpose(1, 2)
+    y, _ = causal_conv1d_tokens(x, w, bb, None, act, SI)
+    yr = causal_conv1d_ref(x.transpose(1, 2), w, bb, act, SI).transpose(1, 2)
     _close_with_grads(y, yr, [x, w] + ([bb] if bias else []))
 
 
@@ -224,8 +250,23 @@ def test_fft_conv_docs_matches_ref(lens):
     _close_with_grads(fft_conv_docs(u, k, D, si), fft_conv_ref(u, k, D, si), [u, k, D])
 
 
+def test_merge_sizes_trades_calls_for_padding():
+    from seqlm.ops.docs import merge_sizes
+
+    size = torch.tensor([2, 2, 3, 8, 8, 8, 64])
+    assert merge_sizes(size, lambda n: n, 0).tolist() == size.tolist()       # calls are free: no padding
+    assert merge_sizes(size, lambda n: n, 1e9).tolist() == [64] * 7           # calls are dear: one call
+    # a call costs 5: the 2s pad to 3 (+2 < 5); joining the 8s would pad 3 documents by 5-6
+    # (+16 > 5), the 64 by 56 each
+    assert merge_sizes(size, lambda n: n, 5).tolist() == [3, 3, 3, 8, 8, 8, 64]
+
+
 @pytest.mark.parametrize("window", [None, 5])
-def test_attention_seq_idx_matches_ref(window):
+@pytest.mark.parametrize("path", ["mask", "buckets"])  # short windows: one masked call; long: buckets
+def test_attention_seq_idx_matches_ref(window, path, monkeypatch):
+    import seqlm.ops.attention as attn_mod
+
+    monkeypatch.setattr(attn_mod, "DOC_MASK_MAX_LEN", T if path == "mask" else 0)
     torch.manual_seed(0)
     q = torch.randn(2, 4, T, 8, dtype=D64, requires_grad=True)
     k = torch.randn(2, 2, T, 8, dtype=D64, requires_grad=True)

@@ -271,3 +271,59 @@ def test_recursive_ladder_mamba2_inside_hmt_from_one_yaml(tmp_path):
             y, st = model.step(x[:, t:t + 1], st)
             stepped.append(y)
     torch.testing.assert_close(torch.cat(stepped, 1), got, rtol=1e-8, atol=1e-10)
+
+
+def test_lora_linear_factored_and_merged_agree_on_both_sides_of_the_threshold():
+    """lora_linear applies the factors below N (in + out) < in out and merges above; both
+    forms give the merged reference's outputs and gradients (fp32)."""
+    from seqlm.recursive import factored_is_cheaper, lora_linear
+
+    i, o, r = 64, 48, 4
+    assert factored_is_cheaper(3, i, o) and not factored_is_cheaper(64, i, o)  # 3*112 < 3072 < 64*112
+    torch.manual_seed(0)
+    W, A, Bm = torch.randn(o, i), torch.randn(r, i), torch.randn(o, r)
+    bias = torch.randn(o)
+    for rows in (3, 64):
+        ins = [t.clone().requires_grad_(True) for t in (torch.randn(rows, i), W, bias, A, Bm)]
+        g = torch.randn(rows, o)
+        out = lora_linear(*ins, scale=0.5)
+        x, w, b, a, bm = ins
+        ref = torch.nn.functional.linear(x, w + 0.5 * bm @ a, b)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(torch.autograd.grad((out * g).sum(), ins), torch.autograd.grad((ref * g).sum(), ins)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 16])  # 1 x 3 tokens: factored Linears; 16 x 10: merged ones
+def test_recursive_lora_dispatch_matches_merged(batch, monkeypatch):
+    """A relaxed-recursive stack (Mamba-1 reads in_proj/dt_proj.weight directly) trains with
+    the dispatched forms exactly as with every depth merged: same logits and gradients."""
+    import seqlm.recursive as rec
+
+    torch.manual_seed(0)
+    cfg = parse_config({"model": {"d_model": 32, "pattern": "M*-", "n_layers": 6,
+                                  "block_defaults": {"attention": {"n_heads": 2}},
+                                  "recursive": {"groups": 3, "lora_rank": 4}}})
+    model = LM(cfg.model, V)
+    perturb_lora(model)
+    x = torch.randint(0, V, (batch, 3 if batch == 1 else T))
+    calls = {"factored": 0, "merged": 0}
+    real = rec.factored_is_cheaper
+
+    def counted(*a):
+        f = real(*a)
+        calls["factored" if f else "merged"] += 1
+        return f
+
+    monkeypatch.setattr(rec, "factored_is_cheaper", counted)
+    out = model(x)[0]
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    monkeypatch.setattr(rec, "DISPATCH", False)  # every depth merged into its weight slot
+    ref = model(x)[0]
+    ref_grads = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert calls["factored" if batch == 1 else "merged"] > 0
+    assert batch == 1 or calls["factored"] == 0
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))

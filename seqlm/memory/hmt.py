@@ -29,9 +29,10 @@ Two paths compute the same function:
 
 Packed windows (``seq_idx``, seqlm/ops/docs.py): every document is run as its own input, its
 segments aligned to its first token, starting from the initial memory with an empty cache,
-so no memory crosses a document boundary. Documents with the same number of segments are
-right-padded to that many full segments and batched (causal backbone: the padding never
-reaches a real token; a padded segment's memory is read by no later real segment).
+so no memory crosses a document boundary. All documents run as one batch, sorted by segment
+count and right-padded to whole segments: segment n is one backbone call over the documents
+that have an n-th segment (causal backbone: the padding never reaches a real token; a
+document's last, padded segment writes no memory).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ import torch
 from seqlm.config import MemoryConfig, ModelConfig
 from seqlm.memory.recall import HMTMemory
 from seqlm.model import LM
-from seqlm.ops.docs import check_seq_idx, segments
+from seqlm.ops.docs import check_seq_idx, from_slots, segments, slot_of, to_slots
 
 
 class HMT(LM):
@@ -98,48 +99,79 @@ class HMT(LM):
     def _segments(self, emb: torch.Tensor) -> torch.Tensor:
         """emb (B, T, D) token embeddings -> final-normed hidden states (B, T, D)."""
         B, T, _ = emb.shape
+        S = -(-T // self.seg_len)
+        out = self._run_segments(emb, [S] * B, [T] * B)
+        return torch.cat(out, 1) if out else emb
+
+    def _run_segments(self, emb: torch.Tensor, nseg: list[int], lens: list[int]) -> list[torch.Tensor]:
+        """Rows of emb (R, >= max(lens), D) run segment by segment; row r has ``nseg[r]``
+        segments and ``lens[r]`` real tokens (non-increasing ``nseg``: segment n runs the
+        first cnt_n rows, those with nseg > n; right padding past lens[r] reaches no real
+        token). Returns per segment n its hidden states (cnt_n, w_n, D), w_n = L unless no
+        row continues (then the longest real remainder)."""
         L, nm, k = self.seg_len, self.n_mem, self.n_sens
-        S = -(-T // L)
-        depth = self.mcfg.bptt_depth or S
-        last = cache = prev = None  # prev: (B, keep, D) tail of the previous segment
+        S = nseg[0] if nseg else 0
+        rows = [sum(1 for s in nseg if s > n) for n in range(S + 1)]  # rows with > n segments
+
+        def cnt(n: int) -> int:
+            return rows[n] if n <= S else 0
+
+        last = cache = prev = None  # prev: (rows, keep, D) tail of the previous segment
         out = []
         for n in range(S):
-            x = emb[:, n * L:(n + 1) * L]  # (B, l, D), l <= L
+            r, rn = cnt(n), cnt(n + 1)
+            w = L if rn else min(L, max(lens[:r]) - n * L)
+            x = emb[:r, n * L:n * L + w]  # (r, w, D)
             if self.recall_on and not self.causal_query:
                 q_toks = x[:, :self.query_len]
             else:
                 q_toks = None if prev is None else prev[:, prev.shape[1] - self.query_len:]
-            mem = self._read(B, last, cache, q_toks)  # (B, nm, D)
+            mem = self._read(r, last, cache, q_toks)  # (r, nm, D)
             sens = prev[:, prev.shape[1] - k:] if (k and prev is not None) else x[:, :0]
-            write = x.shape[1] == L and n < S - 1  # a later segment of this window reads m_n
+            write = rn > 0  # a later segment of these rows reads m_n
             h = self._run(torch.cat([mem, sens, x] + ([mem] if write else []), 1))
             a = nm + sens.shape[1]
-            out.append(h[:, a:a + x.shape[1]])
+            out.append(h[:, a:a + w])
             if write:
-                m, tail = h[:, -nm:], x[:, L - self.keep:]
-                if n < S - depth:  # truncated BPTT: nothing carried out of segment n keeps its graph
-                    m, tail = m.detach(), tail.detach()
-                last, prev, cache = m, tail, self._push(cache, m)
-        return torch.cat(out, 1) if out else emb
+                m, tail = h[:rn, -nm:], x[:rn, L - self.keep:]
+                # truncated BPTT: nothing carried out of segment n keeps its graph in rows
+                # with more than n + bptt_depth segments (a prefix of the rows)
+                j = cnt(n + self.mcfg.bptt_depth) if self.mcfg.bptt_depth else 0
+                if j:
+                    m = torch.cat([m[:j].detach(), m[j:]]) if j < rn else m.detach()
+                    tail = torch.cat([tail[:j].detach(), tail[j:]]) if j < rn else tail.detach()
+                last, prev = m, tail
+                cache = self._push(None if cache is None else cache[:rn], m)
+        return out
 
     def _documents(self, emb: torch.Tensor, seq_idx: torch.Tensor) -> torch.Tensor:
-        """emb (B, T, D), seq_idx (B, T) -> hidden states (B, T, D), each document run alone."""
+        """emb (B, T, D), seq_idx (B, T) -> hidden states (B, T, D), each document run alone.
+
+        All documents run together, one backbone call per segment index: they are sorted by
+        segment count (longest first) and right-padded to whole segments, so segment n runs
+        the documents that have one (a prefix of the rows)."""
         B, T, D = emb.shape
-        flat = emb.reshape(B * T, D)
+        L = self.seg_len
         starts, lens = segments(seq_idx)
-        nseg = (lens + self.seg_len - 1) // self.seg_len
-        pos, vals = [], []
-        for S in nseg.unique().tolist():
-            sel = nseg == S
-            ar = torch.arange(S * self.seg_len)
-            valid = ar < lens[sel, None]                              # (m, S*L)
-            idx = torch.where(valid, starts[sel, None] + ar, 0).to(emb.device)
-            valid = valid.to(emb.device)
-            x = flat[idx] * valid[..., None].to(emb.dtype)            # padding: zero embeddings
-            h = self._segments(x)                                     # (m, S*L, D)
-            pos.append(idx[valid])
-            vals.append(h[valid])
-        out = emb.new_zeros(B * T, D).index_copy(0, torch.cat(pos), torch.cat(vals))
+        nseg = (lens + L - 1) // L
+        order = torch.argsort(nseg, descending=True, stable=True)
+        starts, lens, nseg = starts[order], lens[order], nseg[order]
+        m, S = len(lens), int(nseg[0])
+        ar = torch.arange(S * L)
+        valid = ar < lens[:, None]                                    # (m, S*L)
+        src = torch.where(valid, starts[:, None] + ar, 0).reshape(-1)
+        dev = emb.device
+        x = to_slots(emb.reshape(B * T, D), src.to(dev), slot_of(src, valid.reshape(-1), B * T).to(dev))
+        x = x.view(m, S * L, D) * valid.to(dev)[..., None].to(emb.dtype)  # padding: zero embeddings
+        hs = self._run_segments(x, nseg.tolist(), lens.tolist())
+        # token (document j, offset o) -> its output slot in the segments' outputs, step-major
+        widths = torch.tensor([h.shape[1] for h in hs])
+        base = torch.tensor([0] + [h.shape[0] * h.shape[1] for h in hs[:-1]]).cumsum(0)
+        j, o = valid.nonzero(as_tuple=True)
+        n = o // L
+        inv = torch.empty(B * T, dtype=torch.long)
+        inv[src[j * S * L + o]] = base[n] + j * widths[n] + o - n * L
+        out = from_slots(torch.cat([h.reshape(-1, D) for h in hs]), inv.to(dev))
         return out.view(B, T, D)
 
     # -- stateful path (streaming, generation) -------------------------------------------

@@ -23,6 +23,13 @@ except Exception:  # noqa: BLE001 - any import failure means "not available"
 
 
 FLASH_MAX_HEAD_DIM = 256  # flash_api.cpp: head dimension at most 256
+# Packed windows up to this length run one SDPA call with the block-diagonal causal mask;
+# longer ones run per-document length buckets (_sdpa_docs). The mask costs ~T^2 whatever
+# the documents, the buckets ~sum of l^2 plus a gather and a few calls: fwd+bwd of 8 x 256
+# tokens, 4 heads of 32 (1 thread, Xeon), mask 1.2x a plain causal call, buckets 1.25-1.35x;
+# at 4 x 512 the buckets are as fast as the mask or faster, at 2 x 1024 0.7-1.2x the plain
+# call against the mask's 1.7x.
+DOC_MASK_MAX_LEN = 384
 
 
 def use_flash(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> bool:
@@ -71,24 +78,22 @@ def _sdpa_docs(q, k, v, seq_idx):
     documents are gathered into length buckets (seqlm/ops/docs.py, right-padded) and each
     bucket runs SDPA with ``is_causal`` (its fast kernel); work ~ sum of squared document
     lengths instead of T^2. q (B, H, T, hd), k/v (B, Hkv, T, hd)."""
-    from seqlm.ops.docs import bucket_layout, segments
+    from seqlm.ops.docs import bucket_layout, from_slots, segments, slot_of, to_slots
 
     B, H, T, hd = q.shape
     Hkv = k.shape[1]
     starts, lens = segments(seq_idx)
     src, real, buckets = bucket_layout(starts, lens, B * T)
     src, real = src.to(q.device), real.to(q.device)
-    flat = lambda t: t.transpose(1, 2).reshape(B * T, t.shape[1], hd)[src]  # noqa: E731  (P, H*, hd)
+    inv = slot_of(src, real, B * T)
+    flat = lambda t: to_slots(t.transpose(1, 2).reshape(B * T, t.shape[1], hd), src, inv)  # noqa: E731 (P, H*, hd)
     sizes = [m * n for m, n in buckets]
     outs = []
     for (m, n), qs, ks, vs in zip(buckets, *(flat(t).split(sizes) for t in (q, k, v))):
         o = F.scaled_dot_product_attention(*(t.view(m, n, -1, hd).transpose(1, 2) for t in (qs, ks, vs)),
                                            is_causal=True, enable_gqa=Hkv != H)
         outs.append(o.transpose(1, 2).reshape(m * n, H, hd))
-    vals = torch.cat(outs)[real]                                   # real tokens, bucket order
-    inv = torch.empty(B * T, dtype=torch.long, device=q.device)
-    inv[src[real]] = torch.arange(len(vals), device=q.device)
-    return vals[inv].view(B, T, H, hd).transpose(1, 2)
+    return from_slots(torch.cat(outs), inv).view(B, T, H, hd).transpose(1, 2)
 
 
 def attention(q, k, v, q_offset: int = 0, window: int | None = None, seq_idx=None) -> torch.Tensor:
@@ -97,7 +102,7 @@ def attention(q, k, v, q_offset: int = 0, window: int | None = None, seq_idx=Non
     if seq_idx is not None:
         if use_flash(q, k, v) and _flash_varlen is not None and q_offset == 0 and Tq == Tk:
             return _flash_docs(q, k, v, window, seq_idx)
-        if window is None and q_offset == 0 and Tq == Tk:
+        if window is None and q_offset == 0 and Tq > DOC_MASK_MAX_LEN and Tq == Tk:
             return _sdpa_docs(q, k, v, seq_idx)
         mask = _doc_mask(Tq, Tk, q_offset, window, seq_idx)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)

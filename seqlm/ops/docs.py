@@ -52,15 +52,40 @@ def segments(seq_idx: Tensor) -> tuple[Tensor, Tensor]:
     return starts, ends - starts
 
 
-def bucket_layout(starts: Tensor, lens: Tensor, total: int, steps: int = 1):
+def merge_sizes(size: Tensor, cost, overhead: float) -> Tensor:
+    """Round bucket sizes ``size`` (per document) up to fewer distinct sizes where one call
+    fewer saves more than the padding costs: ``cost(n)`` is the work of one document padded
+    to n, ``overhead`` the fixed cost of a call, in the same units. Exact minimum over
+    groupings of consecutive sizes (dynamic programming over the distinct sizes)."""
+    sizes, counts = size.unique(return_counts=True)
+    sizes, counts = sizes.tolist(), counts.tolist()
+    k = len(sizes)
+    best, cut = [0.0] + [float("inf")] * k, [0] * (k + 1)          # best[j]: sizes[:j] laid out
+    for j in range(1, k + 1):
+        for i in range(j):  # sizes[i:j] share one call of size sizes[j-1]
+            c = best[i] + overhead + sum(counts[i:j]) * cost(sizes[j - 1])
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    out, j = size.clone(), k
+    while j:
+        i = cut[j]
+        out[(size >= sizes[i]) & (size <= sizes[j - 1])] = sizes[j - 1]
+        j = i
+    return out
+
+
+def bucket_layout(starts: Tensor, lens: Tensor, total: int, steps: int = 1, merge=None):
     """Lay documents (flat ``starts``, ``lens`` over ``total`` tokens) out for batched
     per-document kernels: documents are grouped by length rounded up to 2^steps sizes per
     octave (<= 2^-steps padding) and each group is an (m, n) block of m documents
     right-padded to n slots. Returns ``src`` (P,) the token of each slot (padding slots point
     at some real token: for causal kernels right padding never reaches a real output),
-    ``real`` (P,) bool, and ``buckets`` [(m, n)] in slot order."""
+    ``real`` (P,) bool, and ``buckets`` [(m, n)] in slot order. ``merge`` (cost, overhead):
+    fewer buckets where a call costs more than the padding (:func:`merge_sizes`)."""
     step = 2 ** (torch.floor(torch.log2(lens.double())).long() - steps).clamp(min=0)
     size = (lens + step - 1) // step * step
+    if merge is not None:
+        size = merge_sizes(size, *merge)
     src, real, buckets = [], [], []
     for n in size.unique().tolist():
         sel = size == n
@@ -70,3 +95,51 @@ def bucket_layout(starts: Tensor, lens: Tensor, total: int, steps: int = 1):
         real.append((ar < lens[sel, None]).reshape(-1))
         buckets.append((int(sel.sum()), n))
     return torch.cat(src), torch.cat(real), buckets
+
+
+def slot_of(src: Tensor, real: Tensor, total: int) -> Tensor:
+    """(total,) the slot of each token in a :func:`bucket_layout` (src[slot_of[i]] == i)."""
+    inv = torch.empty(total, dtype=torch.long, device=src.device)
+    inv[src[real]] = real.nonzero()[:, 0]
+    return inv
+
+
+class _ToSlots(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, src, inv):
+        ctx.save_for_backward(inv)
+        return x.index_select(0, src)
+
+    @staticmethod
+    def backward(ctx, g):
+        inv, = ctx.saved_tensors
+        return g.index_select(0, inv), None, None
+
+
+class _FromSlots(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, inv):
+        ctx.save_for_backward(inv)
+        ctx.slots = y.shape[0]
+        return y.index_select(0, inv)
+
+    @staticmethod
+    def backward(ctx, g):
+        inv, = ctx.saved_tensors
+        return g.new_zeros((ctx.slots,) + tuple(g.shape[1:])).index_copy_(0, inv, g), None
+
+
+def to_slots(x: Tensor, src: Tensor, inv: Tensor) -> Tensor:
+    """x (N, ...) tokens -> x[src] (P, ...) slots of a :func:`bucket_layout`, with ``inv`` =
+    :func:`slot_of`. Backward gathers each token's gradient from its own slot (one gather,
+    no scatter-add): the padding slots' gradients are dropped, which is exact for causal
+    per-document kernels, where a right-padding slot reaches only padding outputs and those
+    get zero gradient from :func:`from_slots` (``x[src]`` would add their ~0 back)."""
+    return _ToSlots.apply(x, src, inv)
+
+
+def from_slots(y: Tensor, inv: Tensor) -> Tensor:
+    """y (P, ...) slot outputs -> y[inv] (N, ...) in token order; the padding slots get zero
+    gradient."""
+    return _FromSlots.apply(y, inv)
+
