@@ -128,7 +128,7 @@ def merge(a) -> int:
     for p in parts:
         for r in p["results"]:
             key = (r["mixer"], r["d_model"], r["seq_len"])
-            row = {**r, "machine": p.get("machine"), "n_train": r.get("n_train", p.get("n_train")),
+            row = {**r, "machine": p.get("machine") or r.get("machine"), "n_train": r.get("n_train", p.get("n_train")),
                    "max_steps": r.get("max_steps", p.get("steps"))}
             if key in cells and cells[key]["accuracy"] > row["accuracy"]:  # keep the best run of a cell
                 row = {**cells[key], "other_runs": cells[key].get("other_runs", []) + [
@@ -144,7 +144,7 @@ def merge(a) -> int:
             "sweep_stops_at_target")
     out = {"bench": "mqar", "quick": any(p.get("quick") for p in parts), "merged_from": a.merge,
            **{k: parts[0].get(k) for k in keys}, "settings": settings, "widths": widths,
-           "machines": sorted({json.dumps(p.get("machine"), sort_keys=True) for p in parts}),
+           "machines": sorted({json.dumps(r["machine"], sort_keys=True) for r in results}),
            "results": results, "notes": {k: v for p in parts for k, v in p.get("notes", {}).items()}}
     out["machines"] = [json.loads(m) for m in out["machines"]]
     Path(a.out).write_text(json.dumps(out, indent=1))
