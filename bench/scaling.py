@@ -186,6 +186,7 @@ def main() -> None:
             r[f"cpu_ratio_{Ls[-1]}_over_{Ls[0]}"] = points[-1]["cpu_s"] / points[0]["cpu_s"]
             r["mem_mb_per_1k_tokens"] = ((points[-1]["peak_mem_mb"] - points[0]["peak_mem_mb"])
                                          / ((Ls[-1] - Ls[0]) / 1024))
+        r["loadavg_1min"] = os.getloadavg()[0]
         results[name] = r
 
     out = {"mode": "quick" if args.quick else "full", "d_model": args.d_model, "batch": 1,
@@ -196,6 +197,11 @@ def main() -> None:
            "ssm_target": "t(32k)/t(1k) <= 40", "blocks": results}
     res = ROOT / "bench" / "results" / "scaling.json"
     res.parent.mkdir(parents=True, exist_ok=True)
+    if not args.quick and res.exists():  # a subset run (--blocks) keeps the other blocks' rows
+        old = json.loads(res.read_text())
+        if old.get("threads") == args.threads and old.get("d_model") == args.d_model:
+            out["blocks"] = {**{k: v for k, v in old["blocks"].items() if k not in results}, **results}
+            results = out["blocks"]
     out["machine"] = machine_info(args.threads)
     res.write_text(json.dumps(out, indent=2) + "\n")
     plot(results, ROOT / "docs" / "img" / "scaling.png",

@@ -87,7 +87,7 @@ def test_long_kernel_fft_path_matches_ref_state_seq_idx_and_grads(K, L):
     carried state, document restarts and gradients as the obvious loop."""
     from seqlm.ops.conv import _ConvTokens, causal_conv1d_tokens, use_fft_conv
 
-    assert use_fft_conv(K, L) and not use_fft_conv(4, L) and not use_fft_conv(K, 17 * K)
+    assert use_fft_conv(K, L) and not use_fft_conv(4, L) and not use_fft_conv(K, 2 ** (K // 4 + 1))
     torch.manual_seed(2)
     B, C = 2, 3
     x = torch.randn(B, L, C, dtype=torch.float64)

@@ -7,6 +7,7 @@ causal-conv1d on CUDA when importable.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -230,17 +231,18 @@ def _subtract_cross_doc(y, xp, wt, seq_idx):
     return y.reshape(B * L, C).index_add(0, pos, c[ok], alpha=-1).view(B, L, C)
 
 
-FFT_MIN_TAPS = 32     # long kernels (H3's shift SSM: d_state = 64 taps) ...
-FFT_MAX_LEN_PER_TAP = 16  # ... on windows up to 16 kernel lengths go through the FFT
+FFT_MIN_TAPS = 32       # long kernels (H3's shift SSM: d_state = 64 taps) ...
+FFT_TAPS_PER_LOG2_LEN = 4  # ... while K >= 4 log2(L): 64 taps up to L = 65536, 32 taps up to 256
 
 
 def use_fft_conv(K: int, L: int) -> bool:
-    """The K shifted multiply-adds cost K passes over the activations (2K more in backward);
-    an FFT convolution costs O(log L) per element whatever K. Measured on CPU (1 thread,
-    fwd+bwd): at K = 64 the FFT takes 0.2-0.45x the loop's time for L <= 256 and ~0.8x at
-    L = 4096, at K = 32 ~0.5-0.8x for L <= 256; at K <= 16 or L >> K the loop wins (an FFT
-    over 2L points for a few taps is wasted work)."""
-    return K >= FFT_MIN_TAPS and L <= FFT_MAX_LEN_PER_TAP * K
+    """The K shifted multiply-adds cost ~K passes over the activations (about 2K more in
+    backward); an FFT convolution costs O(log L) per element whatever K, so the FFT pays
+    while K exceeds a multiple of log2(L). Measured on CPU (1 thread, forward+backward, with
+    fft_conv's own backward): 64 taps, C = 256, the FFT takes 0.83 / 0.52 / 0.76 / 1.05x the
+    loop's time at L = 2k / 4k / 8k / 32k, and 0.2-0.45x at L <= 256 (batch 64); 32 taps:
+    0.5-0.8x at L <= 256, 1.2x at 4k and 2x at 32k; a few taps: the loop, always."""
+    return K >= FFT_MIN_TAPS and K >= FFT_TAPS_PER_LOG2_LEN * math.log2(max(L, 2))
 
 
 def _conv_tokens_fft(x, weight, bias, state, activation, seq_idx):
