@@ -85,19 +85,23 @@ def main() -> None:
     sc = load("scaling")
     if sc:
         out += ["**One layer vs sequence length** (`bench/scaling.py`; d_model 256, batch 1, forward+backward, "
-                f"{sc.get('threads', '?')} threads; peak memory = RSS growth in a fresh process; {machine(sc)}):", ""]
+                f"{sc.get('threads', '?')} thread(s), best of {sc.get('repeats', '?')} passes; CPU time = the process's, "
+                f"which load on the shared cores does not inflate; peak memory = RSS growth in a fresh process; "
+                f"{machine(sc)}):", ""]
         rows = sc.get("blocks") or {}
         Ls = sc.get("lengths") or []
         if isinstance(rows, dict) and Ls:
-            out.append("| block | " + " | ".join(f"{L // 1024}k" for L in Ls) + " | t(32k)/t(1k) |")
-            out.append("|---" * (len(Ls) + 2) + "|")
+            out.append("| block | " + " | ".join(f"{L // 1024}k" for L in Ls) + " | t(32k)/t(1k) | same, CPU time |")
+            out.append("|---" * (len(Ls) + 3) + "|")
             for b, r in rows.items():
                 pts = {int(x["L"]): x for x in r.get("points", [])}
                 cells = [f"{pts[L]['time_s']:.2f} s, {pts[L]['peak_mem_mb']:.0f} MB" if L in pts and
                          pts[L].get("time_s") is not None else "—" for L in Ls]
-                ratio = (pts[32768]["time_s"] / pts[1024]["time_s"]) if 32768 in pts and 1024 in pts else None
-                out.append(f"| {b} | " + " | ".join(cells) + f" | {ratio:.1f} |" if ratio else
-                           f"| {b} | " + " | ".join(cells) + " | — |")
+                both = 32768 in pts and 1024 in pts
+                ratio = f"{pts[32768]['time_s'] / pts[1024]['time_s']:.1f}" if both else "—"
+                cpu = (f"{pts[32768]['cpu_s'] / pts[1024]['cpu_s']:.1f}" if both and pts[1024].get("cpu_s")
+                       else "—")
+                out.append(f"| {b} | " + " | ".join(cells) + f" | {ratio} | {cpu} |")
             out.append("")
     hf = load("hf_compare")
     if hf:
