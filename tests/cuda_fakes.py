@@ -165,6 +165,44 @@ class FakeFlashAttn(Fake):
         return o.transpose(1, 2).to(q.dtype)
 
 
+class FakeFlashVarlen(Fake):
+    """flash_attn_varlen_func(q (total_q, H, d), k, v (total_k, Hkv, d), cu_seqlens_q,
+    cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window_size): mha_varlen_fwd's checks."""
+
+    def __call__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                 softmax_scale=None, causal=False, window_size=(-1, -1), **kw):
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # the wrapper's fix-up
+        check(q.dtype in HALF, f"FlashAttention only support fp16 and bf16 data type, got {q.dtype}")
+        check(k.dtype == q.dtype and v.dtype == q.dtype, "query and key/value must have the same dtype")
+        for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+            check(cu.dtype == torch.int32, f"{name} must have dtype int32")
+            check(cu.dim() == 1 and cu.is_contiguous(), f"{name} must be a contiguous 1-D tensor")
+            check(cu.device == q.device, f"{name} must be on the device of q")
+        check(q.dim() == 3 and k.dim() == 3 and v.shape == k.shape, "q/k/v must be (total, heads, head_dim)")
+        total_q, H, d = q.shape
+        total_k, Hkv, _ = k.shape
+        check(d <= 256, "FlashAttention forward only supports head dimension at most 256")
+        check(k.shape[-1] == d, "k/v head dimension must equal q's")
+        check(H % Hkv == 0, "Number of heads in key/value must divide number of heads in query")
+        check(cu_seqlens_q.numel() == cu_seqlens_k.numel() >= 2, "cu_seqlens_q/k: batch_size + 1 entries each")
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        for cu, total, mx, name in ((cq, total_q, max_seqlen_q, "q"), (ck, total_k, max_seqlen_k, "k")):
+            check(isinstance(mx, int), f"max_seqlen_{name} must be a Python int")
+            check(cu[0] == 0 and cu[-1] == total, f"cu_seqlens_{name} must run from 0 to total_{name}")
+            lens = [b - a for a, b in zip(cu, cu[1:])]
+            check(min(lens) >= 0 and max(lens) <= mx, f"cu_seqlens_{name}: lengths within [0, max_seqlen_{name}]")
+        self.calls.append({"dtype": q.dtype, "batch": len(cq) - 1, "causal": causal, "window": window_size})
+        win = None if window_size[0] < 0 else window_size[0] + 1
+        out = q.new_zeros(total_q, H, d, dtype=torch.float32)
+        for (a, b), (c, e) in zip(zip(cq, cq[1:]), zip(ck, ck[1:])):  # causal: bottom-right aligned
+            if b > a:
+                o = attention_ref(q[a:b].float().transpose(0, 1)[None], k[c:e].float().transpose(0, 1)[None],
+                                  v[c:e].float().transpose(0, 1)[None],
+                                  q_offset=(e - c) - (b - a) if causal else 0, window=win)
+                out[a:b] = o[0].transpose(0, 1)
+        return out.to(q.dtype)
+
+
 @contextlib.contextmanager
 def on_fake_cuda():
     """Make every tensor report ``is_cuda`` (the dispatch decisions' device test) while the
@@ -180,15 +218,17 @@ def on_fake_cuda():
 
 
 def install(monkeypatch):
-    """Install all four fakes; returns them by kernel name."""
+    """Install all five fakes; returns them by kernel name."""
     import seqlm.ops.attention as att
     import seqlm.ops.conv as conv
     import seqlm.ops.selective_scan as sscan
     import seqlm.ops.ssd as ssd
 
-    fakes = {"conv": FakeCausalConv1d(), "scan": FakeSelectiveScan(), "ssd": FakeSSD(), "flash": FakeFlashAttn()}
+    fakes = {"conv": FakeCausalConv1d(), "scan": FakeSelectiveScan(), "ssd": FakeSSD(), "flash": FakeFlashAttn(),
+             "flash_varlen": FakeFlashVarlen()}
     monkeypatch.setattr(conv, "_cc1d_fn", fakes["conv"])
     monkeypatch.setattr(sscan, "_ssfn", fakes["scan"])
     monkeypatch.setattr(ssd, "_mcsc", fakes["ssd"])
     monkeypatch.setattr(att, "_flash_attn_func", fakes["flash"])
+    monkeypatch.setattr(att, "_flash_varlen", fakes["flash_varlen"])
     return fakes

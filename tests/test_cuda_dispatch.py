@@ -119,3 +119,44 @@ def test_attention_flash_only_within_contract(kw, called, monkeypatch):
     fakes, y, ref = run_block("attention", kw, d_model, torch.bfloat16, monkeypatch=monkeypatch)
     assert bool(fakes["flash"].calls) == called
     torch.testing.assert_close(y, ref, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_packed_attention_calls_flash_varlen_within_contract(window, monkeypatch):
+    """Document packing on CUDA: one flash_attn_varlen_func call over every document of the
+    window (int32 cu_seqlens on q's device, Python-int max lengths), equal to the torch path."""
+    from seqlm.ops.attention import attention, attention_ref
+
+    torch.manual_seed(0)
+    B, T, hd = 2, 24, 16
+    q = torch.randn(B, 4, T, hd).to(torch.bfloat16)
+    k = torch.randn(B, 2, T, hd).to(torch.bfloat16)
+    v = torch.randn(B, 2, T, hd).to(torch.bfloat16)
+    seq_idx = torch.zeros(B, T, dtype=torch.long)
+    seq_idx[0, 7:] = 1
+    seq_idx[0, 20:] = 2
+    seq_idx[1, 1:] = 1
+    ref = attention_ref(q.float(), k.float(), v.float(), 0, window, seq_idx)
+    fakes = install(monkeypatch)
+    with on_fake_cuda():
+        y = attention(q, k, v, 0, window, seq_idx)
+    assert len(fakes["flash_varlen"].calls) == 1 and fakes["flash_varlen"].calls[0]["batch"] == 5
+    assert fakes["flash"].calls == []
+    torch.testing.assert_close(y.float(), ref, rtol=5e-2, atol=5e-2)
+
+
+def test_fake_flash_varlen_rejects_what_the_kernel_rejects():
+    from cuda_fakes import FakeFlashVarlen
+
+    f = FakeFlashVarlen()
+    q = torch.randn(10, 4, 16).to(torch.bfloat16)
+    k = v = torch.randn(10, 2, 16).to(torch.bfloat16)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    f(q, k, v, cu, cu, 6, 6, causal=True)
+    for bad in (dict(cu_seqlens_q=cu.long()), dict(max_seqlen_q=5), dict(max_seqlen_q=torch.tensor(6)),
+                dict(cu_seqlens_q=torch.tensor([0, 4, 9], dtype=torch.int32)), dict(q=q.float()),
+                dict(k=torch.randn(10, 3, 16).to(torch.bfloat16), v=torch.randn(10, 3, 16).to(torch.bfloat16))):
+        kw = dict(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=6, max_seqlen_k=6, causal=True)
+        kw.update(bad)
+        with pytest.raises(KernelContractError):
+            f(**kw)
