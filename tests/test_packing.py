@@ -94,34 +94,12 @@ def test_packed_window_topologies(topology):
     _assert_packed(model)
 
 
-def test_packed_gradients_match_separate_documents():
-    """The summed packed loss has the same parameter gradients as the documents' losses."""
-    model = make("M2H*-")
-    torch.manual_seed(2)
+def _packed_and_separate_grads(model, seed):
+    """Parameter gradients of the summed packed loss and of the documents' losses run one by one."""
+    torch.manual_seed(seed)
     x, y = torch.randint(0, V, (2, T)), torch.randint(0, V, (2, T))
-    logits, _ = model(x, seq_idx=SI)
-    g1 = torch.autograd.grad(F.cross_entropy(logits.transpose(1, 2), y, reduction="sum"), list(model.parameters()))
-    tot = 0
-    for r, lens in enumerate(LENS):
-        s = 0
-        for n in lens:
-            lg, _ = model(x[r:r + 1, s:s + n])
-            tot = tot + F.cross_entropy(lg.transpose(1, 2), y[r:r + 1, s:s + n], reduction="sum")
-            s += n
-    g2 = torch.autograd.grad(tot, list(model.parameters()))
-    for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_packed_hmt_truncated_bptt_gradients():
-    """HMT batches all documents' segments together (sorted by segment count): with
-    bptt_depth, each document still detaches by its own segment count, so the gradients equal
-    those of the documents run one by one (whose truncation tests/test_hmt.py checks)."""
-    model = make("*-", memory={"segment_len": 4, "n_sensory": 2, "bptt_depth": 2})
-    torch.manual_seed(3)
-    x, y = torch.randint(0, V, (2, T)), torch.randint(0, V, (2, T))
-    logits, _ = model(x, seq_idx=SI)
     params = list(model.parameters())
+    logits, _ = model(x, seq_idx=SI)
     g1 = torch.autograd.grad(F.cross_entropy(logits.transpose(1, 2), y, reduction="sum"), params, allow_unused=True)
     tot = 0
     for r, lens in enumerate(LENS):
@@ -130,7 +108,21 @@ def test_packed_hmt_truncated_bptt_gradients():
             lg, _ = model(x[r:r + 1, s:s + n])
             tot = tot + F.cross_entropy(lg.transpose(1, 2), y[r:r + 1, s:s + n], reduction="sum")
             s += n
-    g2 = torch.autograd.grad(tot, params, allow_unused=True)
+    return g1, torch.autograd.grad(tot, params, allow_unused=True)
+
+
+def test_packed_gradients_match_separate_documents():
+    """The summed packed loss has the same parameter gradients as the documents' losses."""
+    g1, g2 = _packed_and_separate_grads(make("M2H*-"), 2)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_hmt_truncated_bptt_gradients():
+    """HMT batches all documents' segments together (sorted by segment count): with
+    bptt_depth, each document still detaches by its own segment count, so the gradients equal
+    those of the documents run one by one (whose truncation tests/test_hmt.py checks)."""
+    g1, g2 = _packed_and_separate_grads(make("*-", memory={"segment_len": 4, "n_sensory": 2, "bptt_depth": 2}), 3)
     for a, b in zip(g1, g2):
         if a is None or b is None:
             assert a is None and b is None
