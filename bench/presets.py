@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=PRESETS)
     ap.add_argument("--quick", action="store_true", help="100 steps per preset, 20 val batches")
     ap.add_argument("--steps", type=int, default=None, help="override train.max_steps")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides for every preset (e.g. train.dtype=fp32 train.threads=2); recorded per row")
     args = ap.parse_args()
 
     from seqlm.config import load_config
@@ -66,7 +68,7 @@ def main() -> None:
         over = [f"train.out_dir=runs/bench_presets/{name}", "train.progress=false", "eval.sample_tokens=0"]
         if steps:
             over += [f"train.max_steps={steps}", "eval.every=0", f"train.warmup_steps={min(100, steps // 10)}"]
-        cfg = load_config(path, over)
+        cfg = load_config(path, over + list(args.set))
         print(f"[presets] training {name} ...", file=sys.stderr, flush=True)
         r = train(cfg)
         model, cfg2, tok = load_model(r["checkpoint"])
@@ -75,7 +77,8 @@ def main() -> None:
         results[name] = {"pattern": "".join(_pattern_chars(cfg2)), "n_params": r["n_params"],
                          "val_loss": round(vl, 4), "val_loss_train_loop": round(r["val_loss"], 4),
                          "wall_s": round(r["wall_s"], 1), "tokens_per_s": round(r["tokens_per_s"]),
-                         "steps": r["step"]}
+                         "steps": r["step"], "overrides": list(args.set), "dtype": cfg2.train.dtype,
+                         "threads": cfg2.train.threads or torch.get_num_threads(), "machine": machine_info()}
         print(f"[presets] {name}: {results[name]}", file=sys.stderr, flush=True)
     res_path = ROOT / "bench" / "results" / "presets.json"
     if not args.quick and res_path.exists():  # a subset run updates the stored table

@@ -180,7 +180,8 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None, objective=
     modules such as a teacher); ``objective.loss(model, x, y)`` then replaces ``model.loss(x, y)``
     in the training steps. Validation still reports the model's own cross-entropy.
     Under a multi-rank launcher (deepspeed / torchrun) the DeepSpeed path runs instead
-    (seqlm/train/distributed.py; with an ``objective`` at distributed.tp_size 1 only)."""
+    (seqlm/train/distributed.py, objectives included; the distill runner refuses orient/align
+    stages at distributed.tp_size > 1)."""
     from seqlm.parallel.engine import launched
 
     if launched():
