@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import signal
@@ -36,17 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import cpu_model  # noqa: E402
+
 TEXT = "".join(f"line {i}: how vexingly quick daft zebras jump, said the {i % 7}th fox.\n" for i in range(2000))
-
-
-def cpu_model() -> str:
-    try:
-        for ln in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if ln.startswith("Model name"):
-                return ln.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def write_config(work: Path, name: str, steps: int, every: int) -> Path:

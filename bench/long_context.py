@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import time
@@ -39,15 +38,7 @@ import time
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def cpu_model() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+from bench.machine import cpu_model, write_result  # noqa: E402
 
 
 def build(mode: str):
@@ -180,10 +171,7 @@ def main():
             t[mode].append(r.get("step_s", float("nan")))
     out["step_time"] = {"L": a.time_len, "none_s": min(t["none"]), "layers_s": min(t["layers"]),
                         "ratio_layers_over_none": min(t["layers"]) / min(t["none"])}
-    res = ROOT / "bench" / "results" / "long_context.json"
-    res.parent.mkdir(exist_ok=True)
-    res.write_text(json.dumps(out, indent=1))
-    print(json.dumps(out))
+    write_result("long_context", out)
 
 
 if __name__ == "__main__":

@@ -37,3 +37,14 @@ def machine_info(threads=None) -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def write_result(name: str, out: dict) -> None:
+    """Write ``out`` to bench/results/<name>.json (indented) and print it as one JSON line."""
+    import json
+    from pathlib import Path
+
+    res = Path(__file__).resolve().parent / "results" / f"{name}.json"
+    res.parent.mkdir(exist_ok=True)
+    res.write_text(json.dumps(out, indent=1))
+    print(json.dumps(out))

@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import cpu_model  # noqa: E402
+from bench.machine import cpu_model, write_result  # noqa: E402
 PRESETS = ["default", "hybrid", "mamba", "mamba2", "h3", "attention", "hmt_stage1"]
 
 
@@ -116,10 +116,7 @@ def main():
                  "ratio_document_over_stream": tps["document"] / tps["stream"]}
             out["results"][f"{bname}/{preset}"] = r
             print(bname, preset, json.dumps(r), file=sys.stderr, flush=True)
-    res = ROOT / "bench" / "results" / "packing.json"
-    res.parent.mkdir(exist_ok=True)
-    res.write_text(json.dumps(out, indent=1))
-    print(json.dumps(out))
+    write_result("packing", out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import time
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import cpu_model  # noqa: E402
+from bench.machine import cpu_model, write_result  # noqa: E402
 
 
 def main():
@@ -59,10 +59,7 @@ def main():
                  "dispatched_over_best": best["dispatched"] / min(best["merged"], best["factored"])}
             out["results"].append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
-    res = ROOT / "bench" / "results" / "recursive_lowrank.json"
-    res.parent.mkdir(exist_ok=True)
-    res.write_text(json.dumps(out, indent=1))
-    print(json.dumps(out))
+    write_result("recursive_lowrank", out)
 
 
 if __name__ == "__main__":

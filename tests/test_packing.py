@@ -157,17 +157,20 @@ def _close_with_grads(fast, ref, inputs):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+def _ssd_inputs(H, P, G, N, b=2):
+    """SSD inputs (x, dt, A, B, C) over the packed windows' T tokens, fp64, requiring grad."""
+    torch.manual_seed(0)
+    req = dict(dtype=D64, requires_grad=True)
+    return (torch.randn(b, T, H, P, **req), torch.rand(b, T, H, **req), -torch.rand(H, dtype=D64).requires_grad_(),
+            torch.randn(b, T, G, N, **req), torch.randn(b, T, G, N, **req))
+
+
 @pytest.mark.parametrize("Q", [4, 8, 64])
 @pytest.mark.parametrize("with_h0", [False, True])
 def test_ssd_scan_seq_idx_matches_ref(Q, with_h0):
-    torch.manual_seed(0)
-    b, H, P, G, N = 2, 4, 3, 2, 5
-    x = torch.randn(b, T, H, P, dtype=D64, requires_grad=True)
-    dt = torch.rand(b, T, H, dtype=D64, requires_grad=True)
-    A = -torch.rand(H, dtype=D64, requires_grad=True)
-    Bm = torch.randn(b, T, G, N, dtype=D64, requires_grad=True)
-    Cm = torch.randn(b, T, G, N, dtype=D64, requires_grad=True)
-    D = torch.randn(H, dtype=D64)
+    x, dt, A, Bm, Cm = _ssd_inputs(H=4, P=3, G=2, N=5)
+    D = torch.randn(4, dtype=D64)
+    b, H, P, N = 2, 4, 3, 5
     h0 = torch.randn(b, H, P, N, dtype=D64, requires_grad=True) if with_h0 else None
     y, h = ssd_scan(x, dt, A, Bm, Cm, Q, D=D, h0=h0, seq_idx=SI)
     yr, hr = ssd_ref(x, dt, A, Bm, Cm, D, h0, seq_idx=SI)
@@ -176,13 +179,7 @@ def test_ssd_scan_seq_idx_matches_ref(Q, with_h0):
 
 
 def test_ssd_single_chunk_seq_idx_matches_ref():
-    torch.manual_seed(0)
-    b, H, P, G, N = 2, 2, 2, 1, 3
-    x = torch.randn(b, T, H, P, dtype=D64, requires_grad=True)
-    dt = torch.rand(b, T, H, dtype=D64, requires_grad=True)
-    A = -torch.rand(H, dtype=D64, requires_grad=True)
-    Bm = torch.randn(b, T, G, N, dtype=D64, requires_grad=True)
-    Cm = torch.randn(b, T, G, N, dtype=D64, requires_grad=True)
+    x, dt, A, Bm, Cm = _ssd_inputs(H=2, P=2, G=1, N=3)
     y, none = ssd_scan(x, dt, A, Bm, Cm, 64, return_state=False, seq_idx=SI)
     assert none is None
     _close_with_grads(y, ssd_ref(x, dt, A, Bm, Cm, seq_idx=SI)[0], [x, dt, A, Bm, Cm])
